@@ -1,0 +1,89 @@
+"""Per-architecture tables: on-disk tensor-name pattern -> tensor class.
+
+Data, not code paths: to support a new MoE architecture add one table. Patterns are regular
+expressions matched against the whole on-disk name (with `weight_scale_inv` companions removed: a
+scale always follows its weight). `{L}` stands for the layer index and is resolved by `classify`,
+which also handles the two layer-dependent cases: DeepSeek's dense layers (< first_k_dense_replace)
+and its multi-token-prediction (MTP) layer at index num_hidden_layers.
+"""
+from __future__ import annotations
+
+import re
+
+from chimera.errors import ChimeraError
+
+CLASSES = ("embed", "lm_head", "norm", "attention", "dense_mlp", "router",
+           "shared_experts", "routed_experts", "mtp")
+
+_COMMON: list[tuple[str, str]] = [
+    (r"model\.embed_tokens\.weight", "embed"),
+    (r"lm_head\.weight", "lm_head"),
+    (r"model\.norm\.weight", "norm"),
+    (r"model\.layers\.{L}\.(input_layernorm|post_attention_layernorm)\.weight", "norm"),
+]
+
+TABLES: dict[str, list[tuple[str, str]]] = {
+    "deepseek_v3": _COMMON + [
+        (r"model\.layers\.{L}\.self_attn\.(q_a_layernorm|kv_a_layernorm)\.weight", "norm"),
+        (r"model\.layers\.{L}\.self_attn\.(q_a_proj|q_b_proj|q_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj)\.weight", "attention"),
+        (r"model\.layers\.{L}\.mlp\.(gate_proj|up_proj|down_proj)\.weight", "dense_mlp"),
+        (r"model\.layers\.{L}\.mlp\.gate\.(weight|e_score_correction_bias)", "router"),
+        (r"model\.layers\.{L}\.mlp\.shared_experts\.(gate_proj|up_proj|down_proj)\.weight", "shared_experts"),
+        (r"model\.layers\.{L}\.mlp\.experts\.\d+\.(gate_proj|up_proj|down_proj)\.weight", "routed_experts"),
+        # the MTP layer's own tensors (its attention, router and experts keep their role's class)
+        (r"model\.layers\.{L}\.(enorm|hnorm|eh_proj|shared_head\.norm|shared_head\.head|embed_tokens)\.weight", "mtp"),
+    ],
+    "mixtral": _COMMON + [
+        (r"model\.layers\.{L}\.self_attn\.(q_proj|k_proj|v_proj|o_proj)\.weight", "attention"),
+        (r"model\.layers\.{L}\.block_sparse_moe\.gate\.weight", "router"),
+        (r"model\.layers\.{L}\.block_sparse_moe\.experts\.\d+\.(w1|w2|w3)\.weight", "routed_experts"),
+    ],
+    "qwen2_moe": _COMMON + [
+        (r"model\.layers\.{L}\.self_attn\.(q_proj|k_proj|v_proj|o_proj)\.(weight|bias)", "attention"),
+        (r"model\.layers\.{L}\.mlp\.(gate_proj|up_proj|down_proj)\.weight", "dense_mlp"),
+        (r"model\.layers\.{L}\.mlp\.gate\.weight", "router"),
+        (r"model\.layers\.{L}\.mlp\.shared_expert\.(gate_proj|up_proj|down_proj)\.weight", "shared_experts"),
+        (r"model\.layers\.{L}\.mlp\.shared_expert_gate\.weight", "shared_experts"),
+        (r"model\.layers\.{L}\.mlp\.experts\.\d+\.(gate_proj|up_proj|down_proj)\.weight", "routed_experts"),
+    ],
+    "qwen3_moe": _COMMON + [
+        (r"model\.layers\.{L}\.self_attn\.(q_norm|k_norm)\.weight", "norm"),
+        (r"model\.layers\.{L}\.self_attn\.(q_proj|k_proj|v_proj|o_proj)\.(weight|bias)", "attention"),
+        (r"model\.layers\.{L}\.mlp\.(gate_proj|up_proj|down_proj)\.weight", "dense_mlp"),
+        (r"model\.layers\.{L}\.mlp\.gate\.weight", "router"),
+        (r"model\.layers\.{L}\.mlp\.experts\.\d+\.(gate_proj|up_proj|down_proj)\.weight", "routed_experts"),
+    ],
+}
+TABLES["olmoe"] = TABLES["qwen3_moe"]
+TABLES["deepseek_v2"] = TABLES["deepseek_v3"]
+
+_COMPILED = {arch: [(re.compile(p.replace("{L}", r"(?P<layer>\d+)") + r"\Z"), c) for p, c in table]
+             for arch, table in TABLES.items()}
+
+
+def supported(model_type: str) -> bool:
+    return model_type in _COMPILED
+
+
+def classify(name: str, config: dict) -> str | None:
+    """The class of an on-disk tensor name, or None if the architecture's table has no rule for it."""
+    model_type = config.get("model_type")
+    if model_type not in _COMPILED:
+        raise ChimeraError(f"unsupported architecture {model_type!r} (supported: {', '.join(sorted(_COMPILED))})")
+    n_layers = int(config.get("num_hidden_layers", 0))
+    for pattern, cls in _COMPILED[model_type]:
+        m = pattern.match(name)
+        if not m:
+            continue
+        layer = m.groupdict().get("layer")
+        if layer is not None and int(layer) >= n_layers:
+            # DeepSeek's multi-token-prediction layer(s): layers num_hidden_layers.. keep their role
+            # class for attention/router/experts; the rest of the layer is `mtp`.
+            if cls in ("attention", "router", "routed_experts", "shared_experts"):
+                return cls
+            return "mtp"
+        if cls == "dense_mlp" and model_type.startswith("deepseek") and layer is not None:
+            if int(layer) >= int(config.get("first_k_dense_replace", 0)):
+                return None  # an MoE layer has no dense MLP: a stray name, not a class
+        return cls
+    return None

@@ -1,0 +1,128 @@
+"""`chimera plan | merge | diff | convert`: thin commands over chimera.merge and chimera.checkpoint."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+from rich.table import Table
+
+console = Console(stderr=True)
+
+
+def _bar() -> Progress:
+    return Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+                    TransferSpeedColumn(), TimeRemainingColumn(), console=console, transient=False)
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.3f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
+
+
+def plan(recipe: Path = typer.Argument(..., help="recipe YAML (chimera schema or mergekit linear)"),
+         distances: bool = typer.Option(False, "--distances", help="also read the parents to compute distances (implied by a threshold)"),
+         json_out: Optional[Path] = typer.Option(None, "--json", help="write the full per-tensor plan as JSON")) -> None:
+    """Show what comes from where (operations, bytes, distances); writes no checkpoint."""
+    from chimera.merge.plan import build_plan
+    from chimera.merge.recipe import load
+    from chimera.merge.report import plan_report
+
+    p = build_plan(load(recipe))
+    rep = plan_report(p, with_distances=distances or p.recipe.threshold is not None)
+    out = Console()
+    t = Table(title=f"plan {p.plan_id}: {p.arch}, {len(p.recipe.parents)} parents, base {p.recipe.base}")
+    for c in ("class", "tensors", "operation", "lambdas", "bytes"):
+        t.add_column(c)
+    for row in rep["rows"]:
+        t.add_row(row["class"], str(row["tensors"]), row["op"], row["lambdas"], _gb(row["bytes"]))
+    out.print(t)
+    s = rep["summary"]
+    out.print(f"{s['tensors']} tensors in {s['shards']} shard(s), {_gb(s['output_bytes'])} to write, "
+              f"{_gb(s['parent_bytes'])} of parents; operations: {s['ops']}")
+    if "threshold" in rep:
+        th = rep["threshold"]
+        out.print(f"threshold delta={th['delta']} ({th['metric']}): {th['merged']} tensor(s) merged, "
+                  f"{th['from_base']} from the base")
+    if json_out:
+        import json
+
+        json_out.write_text(json.dumps(rep, indent=2, default=str))
+
+
+def merge(recipe: Path = typer.Argument(..., help="recipe YAML"),
+          out: Path = typer.Option(..., "-o", "--out", help="output directory"),
+          resume: bool = typer.Option(False, "--resume", help="finish an interrupted merge into OUT"),
+          force: bool = typer.Option(False, "--force", help="overwrite a non-empty OUT"),
+          workers: int = typer.Option(2, "--workers", "-j", help="shard jobs run in parallel")) -> None:
+    """Build the child checkpoint described by RECIPE."""
+    from chimera.merge.execute import run_merge
+    from chimera.merge.plan import build_plan
+    from chimera.merge.recipe import load
+
+    p = build_plan(load(recipe))
+    t0 = time.perf_counter()
+    with _bar() as bar:
+        task = bar.add_task("merge", total=sum(j.nbytes for j in p.jobs))
+        res = run_merge(p, out, resume=resume, force=force, workers=workers,
+                        on_bytes=lambda n: bar.advance(task, n))
+    dt = time.perf_counter() - t0
+    ops: dict[str, int] = {}
+    for r in res.records.values():
+        ops[r["op"]] = ops.get(r["op"], 0) + 1
+    Console().print(f"wrote {res.out} ({res.written} of {res.shards} shard(s) this run) in {dt:.1f}s; operations: {ops}")
+
+
+def diff(a: Path = typer.Argument(..., help="parent A (the one measured)"),
+         b: Path = typer.Argument(..., help="parent B (the reference, e.g. the base)"),
+         metric: str = typer.Option("relative", "--metric", help="relative | symmetric | rms"),
+         csv: Optional[Path] = typer.Option(None, "--csv", help="write every tensor's distance"),
+         plot: Optional[Path] = typer.Option(None, "--plot", help="PNG: distance per layer and class"),
+         top: int = typer.Option(15, "--top", help="rows to print")) -> None:
+    """Per-tensor normalized distance between two checkpoints of one architecture."""
+    from chimera.merge.report import diff_checkpoints, plot_diff, write_csv
+
+    rows = diff_checkpoints(a, b, metric)
+    out = Console()
+    t = Table(title=f"{metric} distance of {a} to {b}: per class")
+    for c in ("class", "tensors", "mean", "max"):
+        t.add_column(c)
+    by: dict[str, list[float]] = {}
+    for r in rows:
+        by.setdefault(r["class"], []).append(r["distance"])
+    for c, ds in sorted(by.items()):
+        t.add_row(c, str(len(ds)), f"{sum(ds) / len(ds):.4g}", f"{max(ds):.4g}")
+    out.print(t)
+    t2 = Table(title=f"largest {top}")
+    t2.add_column("tensor")
+    t2.add_column("distance")
+    for r in sorted(rows, key=lambda r: -r["distance"])[:top]:
+        t2.add_row(r["tensor"], f"{r['distance']:.4g}")
+    out.print(t2)
+    if csv:
+        write_csv(rows, csv)
+    if plot:
+        plot_diff(rows, plot, f"{metric} distance {Path(a).name} vs {Path(b).name}")
+
+
+def convert(model: Path = typer.Argument(..., help="checkpoint directory"),
+            out: Path = typer.Option(..., "-o", "--out"),
+            dtype: str = typer.Option("bfloat16", "--dtype", help="bfloat16 | float32 | float8 (DeepSeek 128x128 blocks)"),
+            force: bool = typer.Option(False, "--force"),
+            shard_size: str = typer.Option("5GB", "--shard-size")) -> None:
+    """Convert FP8 <-> BF16/FP32 with DeepSeek's exact block semantics."""
+    from chimera.checkpoint.convert import convert as run
+    from chimera.merge.recipe import parse_size
+
+    t0 = time.perf_counter()
+    res = run(model, out, dtype, force=force, shard_size=parse_size(shard_size, "--shard-size"))
+    Console().print(f"wrote {res.out} ({dtype}, {res.shards} shard(s)) in {time.perf_counter() - t0:.1f}s")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("plan")(plan)
+    app.command("merge")(merge)
+    app.command("diff")(diff)
+    app.command("convert")(convert)

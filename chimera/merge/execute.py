@@ -1,0 +1,222 @@
+"""Run a merge plan: one independent job per output shard, on a thread pool today.
+
+A job (`run_job`) needs only its `ShardJob` (file paths, byte ranges, lambdas) and the output
+directory, so a process pool or a distributed engine on a shared filesystem can run it unchanged.
+Tensors are processed in row chunks (whole 128-row FP8 blocks), so memory holds a few chunks, never
+a tensor or a shard:
+
+    for each chunk of rows:  acc = sum_i lambda_i * dequant(P_i[rows])      # float32 [r, N]
+                             q, s = quantize(acc)   or   acc.to(bf16/f32)   # written at its offset
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from chimera.checkpoint import fp8
+from chimera.checkpoint.files import INDEX, SCALE_SUFFIX, read_float
+from chimera.checkpoint.writer import STATE_DIR, Progress, ShardFile, write_index, write_json_atomic
+from chimera.errors import ChimeraError
+from chimera.merge import card
+from chimera.merge.distance import Norms
+from chimera.merge.plan import Item, Plan, ShardJob
+
+CHUNK_ELEMS = 1 << 23  # elements per row chunk (32 MB of float32)
+REPORT = "chimera_merge.json"
+
+
+def row_chunks(shape: tuple[int, ...], block: int) -> list[tuple[int, int] | None]:
+    """Block-aligned row ranges covering a tensor; [None] for a 0-d/1-d or empty tensor."""
+    if len(shape) < 2 or shape[0] == 0:
+        return [None]
+    row = 1
+    for d in shape[1:]:
+        row *= d
+    step = max(block, (CHUNK_ELEMS // max(row, 1)) // block * block)
+    return [(r, min(r + step, shape[0])) for r in range(0, shape[0], step)]
+
+
+def _distance(it: Item, parents: list[str]) -> float:
+    """max_i d(P_i, base) over the non-base parents, on dequantized values, chunk by chunk."""
+    norms = {p: Norms() for p in parents if p != it.base}
+    b = it.source(it.base)
+    for rows in row_chunks(it.shape, it.block):
+        wb = read_float(b.weight, b.scale, b.block, rows)
+        for p, n in norms.items():
+            s = it.source(p)
+            n.add(read_float(s.weight, s.scale, s.block, rows), wb)
+    return max((n.distance(it.threshold.metric) for n in norms.values()), default=0.0)
+
+
+def _copy(it: Item, out: ShardFile, parent: str) -> None:
+    s = it.source(parent)
+    out.copy_from(it.name, s.weight.file, s.weight.start, s.weight.nbytes)
+    if it.fp8_out:
+        out.copy_from(it.name[: -len(".weight")] + SCALE_SUFFIX, s.scale.file, s.scale.start, s.scale.nbytes)
+
+
+def run_item(it: Item, out: ShardFile) -> dict:
+    """Compute one output tensor into its slot; returns what was done (op, distance)."""
+    rec: dict = {"class": it.cls, "op": it.op, "lambdas": dict(it.lambdas)}
+    if it.op == "copy":
+        _copy(it, out, it.lambdas[0][0])
+        return rec
+    lams = list(it.lambdas)
+    if it.threshold is not None:
+        d = _distance(it, [p for p, _ in lams])
+        rec["distance"] = d
+        if d < it.threshold.delta:
+            rec["op"], rec["lambdas"], lams = "base", {it.base: 1.0}, [(it.base, 1.0)]
+            b = it.source(it.base)
+            if b.weight.dtype == it.dtype and (not it.fp8_out or b.block == it.block):
+                _copy(it, out, it.base)
+                return rec
+    scale_name = it.name[: -len(".weight")] + SCALE_SUFFIX
+    out_dtype = out.slots[it.name]
+    for rows in row_chunks(it.shape, it.block):
+        acc = None
+        for p, lam in lams:
+            s = it.source(p)
+            x = read_float(s.weight, s.scale, s.block, rows)      # float32 [r, N]
+            acc = (x if lam == 1.0 else x.mul_(lam)) if acc is None else acc.add_(x, alpha=lam)
+        at_row = rows[0] if rows else 0
+        if it.fp8_out:
+            try:
+                q, sc = fp8.quantize(acc, it.block, it.ue8m0)    # [r, N] e4m3, [r/128, Nb] f32
+            except FloatingPointError:
+                raise ChimeraError(f"tensor {it.name}: the mix produced NaN/Inf (non-finite values in a parent?)") from None
+            out.write(it.name, q, at_row * q.shape[1])
+            out.write(scale_name, sc, (at_row // it.block) * sc.shape[1] * 4)
+        else:
+            if acc.is_floating_point() and not bool(torch.isfinite(acc).all()):
+                raise ChimeraError(f"tensor {it.name}: the mix produced NaN/Inf (non-finite values in a parent?)")
+            t = acc.to(_torch_dtype(out_dtype.dtype))
+            row_bytes = t[0].numel() * t.element_size() if t.dim() >= 2 else 0
+            out.write(it.name, t, at_row * row_bytes)
+    return rec
+
+
+def _torch_dtype(tag: str) -> torch.dtype:
+    from chimera.checkpoint.files import DTYPES
+
+    return DTYPES[tag][0]
+
+
+def run_job(job: ShardJob, out_dir: Path, on_bytes: Callable[[int], None] | None = None) -> dict[str, dict]:
+    """Write one output shard completely (temp file, then atomic rename). Returns per-tensor records."""
+    f = ShardFile(out_dir / job.filename, job.slots())
+    records: dict[str, dict] = {}
+    try:
+        for it in job.items:
+            records[it.name] = run_item(it, f)
+            if on_bytes:
+                on_bytes(it.nbytes)
+        f.commit()
+    except BaseException:
+        f.abort()
+        f.tmp.unlink(missing_ok=True)
+        raise
+    return records
+
+
+@dataclass
+class MergeResult:
+    out: Path
+    shards: int
+    written: int  # shards written in this run (the rest were finished before a --resume)
+    records: dict[str, dict]
+
+
+def _check_output(plan: Plan, out: Path, resume: bool, force: bool) -> Progress:
+    out_r = out.resolve()
+    for name, p in plan.recipe.parents.items():
+        p = p.resolve()
+        if out_r == p or p in out_r.parents or out_r in p.parents:
+            raise ChimeraError(f"output {out} overlaps parent {name} ({p}): choose another directory")
+    progress = Progress(out_r, plan.plan_id)
+    if out_r.exists() and not out_r.is_dir():
+        raise ChimeraError(f"output {out} exists and is not a directory")
+    if out_r.is_dir() and any(out_r.iterdir()):
+        state = progress.load()
+        if resume and state is not None:
+            if state.get("plan_id") != plan.plan_id:
+                raise ChimeraError(f"output {out} holds a merge of a different plan (recipe or parents changed); use --force")
+            progress.done = {k: v for k, v in state.get("done", {}).items()
+                             if (out_r / k).is_file() and (out_r / k).stat().st_size == v}
+        elif resume:
+            raise ChimeraError(f"output {out} has no chimera progress record to resume; use --force to overwrite")
+        elif not force:
+            raise ChimeraError(f"output {out} is not empty (use --force to overwrite, --resume to continue)")
+        else:  # --force: remove what a merge writes, nothing else
+            for p in out_r.iterdir():
+                if p.name.endswith((".safetensors", ".partial")) or p.name in (INDEX, REPORT, "config.json"):
+                    p.unlink()
+            shutil.rmtree(out_r / STATE_DIR, ignore_errors=True)
+    out_r.mkdir(parents=True, exist_ok=True)
+    return progress
+
+
+def run_merge(plan: Plan, out: str | os.PathLike, resume: bool = False, force: bool = False,
+              workers: int = 2, on_bytes: Callable[[int], None] | None = None) -> MergeResult:
+    """Execute every shard job (skipping finished ones on --resume), then finalize the directory."""
+    out = Path(out)
+    progress = _check_output(plan, out, resume, force)
+    out = out.resolve()
+    state = out / STATE_DIR
+    state.mkdir(exist_ok=True)
+    lock = threading.Lock()
+    todo = [j for j in plan.jobs if j.filename not in progress.done]
+    if on_bytes:
+        on_bytes(sum(j.nbytes for j in plan.jobs if j.filename in progress.done))
+
+    def one(job: ShardJob) -> None:
+        records = run_job(job, out, on_bytes)
+        write_json_atomic(state / f"{job.filename}.json", records)
+        with lock:
+            progress.mark(job.filename, (out / job.filename).stat().st_size)
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        futures = [pool.submit(one, j) for j in todo]
+        try:
+            for fut in as_completed(futures):
+                fut.result()
+        except BaseException:
+            for fut in futures:
+                fut.cancel()
+            raise
+    records: dict[str, dict] = {}
+    for j in plan.jobs:
+        records.update(json.loads((state / f"{j.filename}.json").read_text()))
+    finalize(plan, out, records)
+    return MergeResult(out, len(plan.jobs), len(todo), records)
+
+
+def finalize(plan: Plan, out: Path, records: dict[str, dict]) -> None:
+    """Side files from the base, model card, recipe, index; config.json and the report last."""
+    base = plan.recipe.parents[plan.recipe.base]
+    skip = {"config.json", INDEX, "README.md", REPORT, "chimera_recipe.yaml"}
+    for p in sorted(Path(base).iterdir()):
+        if (p.is_file() and p.name not in skip and not p.name.startswith(".")
+                and not p.name.endswith((".safetensors", ".bin", ".pt", ".pth", ".ckpt"))):
+            shutil.copyfile(p, out / p.name)
+    card.write(plan, out, records)
+    if len(plan.jobs) > 1:
+        write_index(out, {j.filename: j.slots() for j in plan.jobs})
+    write_json_atomic(out / "config.json", plan.config)
+    write_json_atomic(out / REPORT, {"plan_id": plan.plan_id, "recipe": plan.recipe.to_dict(),
+                                     "summary": _summary(records), "tensors": records})
+
+
+def _summary(records: dict[str, dict]) -> dict:
+    ops: dict[str, int] = {}
+    for r in records.values():
+        ops[r["op"]] = ops.get(r["op"], 0) + 1
+    return {"tensors": len(records), "ops": ops}
