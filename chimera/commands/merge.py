@@ -15,7 +15,8 @@ console = Console(stderr=True)
 
 def _bar() -> Progress:
     return Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
-                    TransferSpeedColumn(), TimeRemainingColumn(), console=console, transient=False)
+                    TransferSpeedColumn(), TimeRemainingColumn(), console=console, transient=True,
+                    disable=not console.is_terminal)
 
 
 def _gb(n: int) -> str:
