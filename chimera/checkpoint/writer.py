@@ -129,6 +129,7 @@ class Progress:
         self.path = self.dir / "progress.json"
         self.plan_id = plan_id
         self.done: dict[str, int] = {}
+        self.compiled: bool | None = None
 
     def load(self) -> dict | None:
         if not self.path.is_file():
@@ -141,4 +142,4 @@ class Progress:
     def mark(self, shard: str, size: int) -> None:
         self.done[shard] = size
         self.dir.mkdir(exist_ok=True)
-        write_json_atomic(self.path, {"plan_id": self.plan_id, "done": self.done})
+        write_json_atomic(self.path, {"plan_id": self.plan_id, "compiled": self.compiled, "done": self.done})

@@ -57,7 +57,8 @@ def merge(recipe: Path = typer.Argument(..., help="recipe YAML"),
           out: Path = typer.Option(..., "-o", "--out", help="output directory"),
           resume: bool = typer.Option(False, "--resume", help="finish an interrupted merge into OUT"),
           force: bool = typer.Option(False, "--force", help="overwrite a non-empty OUT"),
-          workers: int = typer.Option(2, "--workers", "-j", help="shard jobs run in parallel")) -> None:
+          workers: int = typer.Option(2, "--workers", "-j", help="shard jobs run in parallel"),
+          compile: str = typer.Option("auto", "--compile", help="fused FP8 kernel under torch.compile: auto | on | off")) -> None:
     """Build the child checkpoint described by RECIPE."""
     from chimera.merge.execute import run_merge
     from chimera.merge.plan import build_plan
@@ -68,7 +69,7 @@ def merge(recipe: Path = typer.Argument(..., help="recipe YAML"),
     with _bar() as bar:
         task = bar.add_task("merge", total=sum(j.nbytes for j in p.jobs))
         res = run_merge(p, out, resume=resume, force=force, workers=workers,
-                        on_bytes=lambda n: bar.advance(task, n))
+                        on_bytes=lambda n: bar.advance(task, n), compile=compile)
     dt = time.perf_counter() - t0
     ops: dict[str, int] = {}
     for r in res.records.values():

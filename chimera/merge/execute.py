@@ -22,10 +22,10 @@ from typing import Callable
 import torch
 
 from chimera.checkpoint import fp8
-from chimera.checkpoint.files import INDEX, SCALE_SUFFIX, read_float
+from chimera.checkpoint.files import INDEX, SCALE_SUFFIX, read_float, read_tensor
 from chimera.checkpoint.writer import STATE_DIR, Progress, ShardFile, write_index, write_json_atomic
 from chimera.errors import ChimeraError
-from chimera.merge import card
+from chimera.merge import card, mix
 from chimera.merge.distance import Norms
 from chimera.merge.plan import Item, Plan, ShardJob
 
@@ -63,7 +63,7 @@ def _copy(it: Item, out: ShardFile, parent: str) -> None:
         out.copy_from(it.name[: -len(".weight")] + SCALE_SUFFIX, s.scale.file, s.scale.start, s.scale.nbytes)
 
 
-def run_item(it: Item, out: ShardFile) -> dict:
+def run_item(it: Item, out: ShardFile, compiled: bool = False) -> dict:
     """Compute one output tensor into its slot; returns what was done (op, distance)."""
     rec: dict = {"class": it.cls, "op": it.op, "lambdas": dict(it.lambdas)}
     if it.op == "copy":
@@ -81,7 +81,23 @@ def run_item(it: Item, out: ShardFile) -> dict:
                 return rec
     scale_name = it.name[: -len(".weight")] + SCALE_SUFFIX
     out_dtype = out.slots[it.name]
+    srcs = [it.source(p) for p, _ in lams]
+    fast = (it.fp8_out and len(it.shape) == 2 and it.shape[1] % it.block == 0
+            and all(s.scale is not None and s.block == it.block for s in srcs))
+    if fast:
+        kernel = mix.compiled_mix_fp8_blocks() if compiled else mix.mix_fp8_blocks
+        lam_t = torch.tensor([lam for _, lam in lams], dtype=torch.float32)
     for rows in row_chunks(it.shape, it.block):
+        if fast and (rows[1] - rows[0]) % it.block == 0:
+            rs = (rows[0] // it.block, rows[1] // it.block)
+            qs = [read_tensor(s.weight, rows) for s in srcs]                     # [r, N] e4m3
+            ss = [read_tensor(s.scale, rs) for s in srcs]                      # [r/128, N/128]
+            q, sc, amax = kernel(qs, ss, lam_t, it.ue8m0, it.block)
+            if not bool(torch.isfinite(amax).all()):
+                raise ChimeraError(f"tensor {it.name}: the mix produced NaN/Inf (non-finite values in a parent?)")
+            out.write(it.name, q, rows[0] * q.shape[1])
+            out.write(scale_name, sc, rs[0] * sc.shape[1] * 4)
+            continue
         acc = None
         for p, lam in lams:
             s = it.source(p)
@@ -110,13 +126,14 @@ def _torch_dtype(tag: str) -> torch.dtype:
     return DTYPES[tag][0]
 
 
-def run_job(job: ShardJob, out_dir: Path, on_bytes: Callable[[int], None] | None = None) -> dict[str, dict]:
+def run_job(job: ShardJob, out_dir: Path, on_bytes: Callable[[int], None] | None = None,
+            compiled: bool = False) -> dict[str, dict]:
     """Write one output shard completely (temp file, then atomic rename). Returns per-tensor records."""
     f = ShardFile(out_dir / job.filename, job.slots())
     records: dict[str, dict] = {}
     try:
         for it in job.items:
-            records[it.name] = run_item(it, f)
+            records[it.name] = run_item(it, f, compiled)
             if on_bytes:
                 on_bytes(it.nbytes)
         f.commit()
@@ -149,6 +166,7 @@ def _check_output(plan: Plan, out: Path, resume: bool, force: bool) -> Progress:
         if resume and state is not None:
             if state.get("plan_id") != plan.plan_id:
                 raise ChimeraError(f"output {out} holds a merge of a different plan (recipe or parents changed); use --force")
+            progress.compiled = state.get("compiled")
             progress.done = {k: v for k, v in state.get("done", {}).items()
                              if (out_r / k).is_file() and (out_r / k).stat().st_size == v}
         elif resume:
@@ -164,11 +182,31 @@ def _check_output(plan: Plan, out: Path, resume: bool, force: bool) -> Progress:
     return progress
 
 
+COMPILE_MIN_ELEMS = 300_000_000  # below this much FP8 mixing, eager beats paying for a compile
+
+
+def use_compile(plan: Plan, mode: str = "auto") -> bool:
+    """Whether the fused FP8 block kernel runs under torch.compile: 'on', 'off' or 'auto' (by size)."""
+    if mode in ("on", "off"):
+        return mode == "on"
+    work = sum(it.shape[0] * it.shape[1] for it in plan.items if it.op == "mix" and it.fp8_out)
+    return work >= COMPILE_MIN_ELEMS
+
+
 def run_merge(plan: Plan, out: str | os.PathLike, resume: bool = False, force: bool = False,
-              workers: int = 2, on_bytes: Callable[[int], None] | None = None) -> MergeResult:
-    """Execute every shard job (skipping finished ones on --resume), then finalize the directory."""
+              workers: int = 2, on_bytes: Callable[[int], None] | None = None,
+              compile: str = "auto") -> MergeResult:
+    """Execute every shard job (skipping finished ones on --resume), then finalize the directory.
+
+    The compile choice is recorded in the progress file and reused by --resume, so a resumed merge
+    gives the same bytes as an uninterrupted one.
+    """
     out = Path(out)
     progress = _check_output(plan, out, resume, force)
+    compiled = progress.compiled if progress.compiled is not None else use_compile(plan, compile)
+    progress.compiled = compiled
+    if compiled:
+        mix.compiled_mix_fp8_blocks()
     out = out.resolve()
     state = out / STATE_DIR
     state.mkdir(exist_ok=True)
@@ -178,7 +216,7 @@ def run_merge(plan: Plan, out: str | os.PathLike, resume: bool = False, force: b
         on_bytes(sum(j.nbytes for j in plan.jobs if j.filename in progress.done))
 
     def one(job: ShardJob) -> None:
-        records = run_job(job, out, on_bytes)
+        records = run_job(job, out, on_bytes, compiled)
         write_json_atomic(state / f"{job.filename}.json", records)
         with lock:
             progress.mark(job.filename, (out / job.filename).stat().st_size)
