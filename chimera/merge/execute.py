@@ -84,11 +84,15 @@ def run_item(it: Item, out: ShardFile, compiled: bool = False) -> dict:
     srcs = [it.source(p) for p, _ in lams]
     fast = (it.fp8_out and len(it.shape) == 2 and it.shape[1] % it.block == 0
             and all(s.scale is not None and s.block == it.block for s in srcs))
+    chunks = row_chunks(it.shape, it.block)
     if fast:
-        kernel = mix.compiled_mix_fp8_blocks() if compiled else mix.mix_fp8_blocks
+        fused = mix.compiled_mix_fp8_blocks() if compiled else mix.mix_fp8_blocks
         lam_t = torch.tensor([lam for _, lam in lams], dtype=torch.float32)
-    for rows in row_chunks(it.shape, it.block):
+        full = chunks[0][1] - chunks[0][0]
+    for rows in chunks:
         if fast and (rows[1] - rows[0]) % it.block == 0:
+            # compiled kernels are specialized per shape: the tail chunk runs eager
+            kernel = fused if rows[1] - rows[0] == full else mix.mix_fp8_blocks
             rs = (rows[0] // it.block, rows[1] // it.block)
             qs = [read_tensor(s.weight, rows) for s in srcs]                     # [r, N] e4m3
             ss = [read_tensor(s.scale, rs) for s in srcs]                      # [r/128, N/128]
@@ -182,7 +186,7 @@ def _check_output(plan: Plan, out: Path, resume: bool, force: bool) -> Progress:
     return progress
 
 
-COMPILE_MIN_ELEMS = 300_000_000  # below this much FP8 mixing, eager beats paying for a compile
+COMPILE_MIN_ELEMS = 20_000_000_000  # below ~20 Gparam of FP8 mixing, eager beats paying for compiles
 
 
 def use_compile(plan: Plan, mode: str = "auto") -> bool:
@@ -205,8 +209,7 @@ def run_merge(plan: Plan, out: str | os.PathLike, resume: bool = False, force: b
     progress = _check_output(plan, out, resume, force)
     compiled = progress.compiled if progress.compiled is not None else use_compile(plan, compile)
     progress.compiled = compiled
-    if compiled:
-        mix.compiled_mix_fp8_blocks()
+
     out = out.resolve()
     state = out / STATE_DIR
     state.mkdir(exist_ok=True)

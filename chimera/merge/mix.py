@@ -7,8 +7,9 @@ each element is touched a few times in cache-sized chunks:
     acc[b] = sum_i q_i[b] * (lambda_i * s_i[b])           # [Rb, 128, Nb, 128] float32
     s[b]   = max(amax|acc[b]|, 1e-4) / 448 ;  q[b] = e4m3(acc[b] / s[b])
 
-Under `torch.compile` (C++ codegen on CPU) the fast path runs several times faster than eager
-torch; it is used only when the merge is big enough to repay the ~15-45 s first compile.
+Under `torch.compile` (C++ codegen on CPU, one compile per chunk shape) the fast path runs about 5x
+faster than eager torch; it is used only when a merge is big enough to repay ~10-15 s of compile per
+distinct tensor width.
 """
 from __future__ import annotations
 
@@ -36,18 +37,30 @@ def mix_fp8_blocks(qs: list[torch.Tensor], ss: list[torch.Tensor], lams: torch.T
 
 
 _compiled = None
+_seen: set[tuple] = set()
 _lock = threading.Lock()
 
 
 def compiled_mix_fp8_blocks():
-    """`mix_fp8_blocks` under torch.compile (dynamic shapes), compiled once per process."""
+    """`mix_fp8_blocks` under torch.compile, specialized per chunk shape (static shapes vectorize
+    far better on CPU than dynamic ones: measured 5x over eager, while `dynamic=True` was slower
+    than eager). A new shape compiles once (~10-15 s), under a lock so worker threads don't race."""
     global _compiled
     with _lock:
         if _compiled is None:
-            fn = torch.compile(mix_fp8_blocks, dynamic=True)
-            q = torch.zeros(256, 384, dtype=FP8)  # warm up here, not concurrently in worker threads
-            s = torch.ones(2, 3)
-            for k in (1, 2, 3):
-                fn([q] * k, [s] * k, torch.full((k,), 1.0 / k))
-            _compiled = fn
-    return _compiled
+            import torch._dynamo
+
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
+            _compiled = torch.compile(mix_fp8_blocks, dynamic=False)
+    fn = _compiled
+
+    def run(qs, ss, lams, ue8m0=False, block=128):
+        key = (tuple(qs[0].shape), len(qs), ue8m0, block)
+        if key not in _seen:
+            with _lock:
+                out = fn(qs, ss, lams, ue8m0, block)
+                _seen.add(key)
+            return out
+        return fn(qs, ss, lams, ue8m0, block)
+
+    return run
