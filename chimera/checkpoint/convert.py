@@ -19,10 +19,10 @@ DTYPES = ("bfloat16", "float32", "float8")
 
 
 def convert(src: str | os.PathLike, out: str | os.PathLike, dtype: str = "bfloat16", force: bool = False,
-            shard_size: int = 5 * 10**9, workers: int = 2) -> MergeResult:
+            shard_size: int = 5 * 10**9, workers: int = 2, on_bytes=None) -> MergeResult:
     if dtype not in DTYPES:
         raise ChimeraError(f"unknown dtype {dtype!r} (one of {', '.join(DTYPES)})")
     recipe = Recipe(parents={"model": Path(src).resolve()}, base="model", weights={"default": {"model": 1.0}},
                     dtype=dtype, shard_size=shard_size)
     recipe.source = f"# chimera convert {src} --dtype {dtype}\n"
-    return run_merge(build_plan(recipe), out, force=force, workers=workers)
+    return run_merge(build_plan(recipe), out, force=force, workers=workers, on_bytes=on_bytes)

@@ -119,7 +119,10 @@ def convert(model: Path = typer.Argument(..., help="checkpoint directory"),
     from chimera.merge.recipe import parse_size
 
     t0 = time.perf_counter()
-    res = run(model, out, dtype, force=force, shard_size=parse_size(shard_size, "--shard-size"))
+    with _bar() as bar:
+        task = bar.add_task("convert", total=None)
+        res = run(model, out, dtype, force=force, shard_size=parse_size(shard_size, "--shard-size"),
+                  on_bytes=lambda n: bar.advance(task, n))
     Console().print(f"wrote {res.out} ({dtype}, {res.shards} shard(s)) in {time.perf_counter() - t0:.1f}s")
 
 
