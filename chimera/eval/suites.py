@@ -1,0 +1,79 @@
+"""Suites are JSONL files: one object a line with `prompt` (required) and optionally `answer`,
+`match` (number | contains | exact), `lang` (en | de ...), `split` (a group name reported separately),
+`sensitive` (bool). Bundled suites live in `chimera/eval/suites/`; any other path works too.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from chimera.errors import ChimeraError
+
+SUITES_DIR = Path(__file__).resolve().parent / "suites"
+BUILTIN = ("arithmetic", "sensitive", "language")
+
+
+def resolve(names: str | list[str]) -> list[str]:
+    """'all' -> every built-in suite; 'a,b' -> ['a', 'b']; paths kept as they are."""
+    if isinstance(names, str):
+        names = [n for n in names.split(",") if n.strip()]
+    out = []
+    for n in names:
+        n = n.strip()
+        out.extend(BUILTIN if n == "all" else [n])
+    if not out:
+        raise ChimeraError("no suite given (use arithmetic, sensitive, language, all or a .jsonl path)")
+    return out
+
+
+def suite_path(name: str) -> Path:
+    if name in BUILTIN:
+        return SUITES_DIR / f"{name}.jsonl"
+    p = Path(name)
+    if p.suffix == ".jsonl" or p.exists() or "/" in name:
+        if not p.is_file():
+            raise ChimeraError(f"{p}: suite file not found")
+        return p
+    raise ChimeraError(f"unknown suite {name!r} (one of {', '.join(BUILTIN)}, all, or a .jsonl file)")
+
+
+def load(name: str) -> list[dict]:
+    """The items of a suite; a bad line raises a one-line error naming file:line."""
+    path = suite_path(name)
+    if not path.is_file():
+        raise ChimeraError(f"{path}: suite file not found")
+    items = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ChimeraError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
+        if not isinstance(item, dict):
+            raise ChimeraError(f"{path}:{lineno}: expected a JSON object")
+        if not isinstance(item.get("prompt"), str) or not item["prompt"].strip():
+            raise ChimeraError(f"{path}:{lineno}: missing 'prompt' (a non-empty string)")
+        if "answer" in item and item["answer"] is not None and not isinstance(item["answer"], (str, int)):
+            raise ChimeraError(f"{path}:{lineno}: 'answer' must be a string or an integer")
+        items.append(item)
+    if not items:
+        raise ChimeraError(f"{path}: suite has no items")
+    return items
+
+
+def sample(items: list[dict], n: int | None) -> list[dict]:
+    """n items spread evenly over the file (every split represented), or all of them."""
+    if n is None or n >= len(items):
+        return list(items)
+    if n <= 0:
+        raise ChimeraError(f"--n must be positive, got {n}")
+    return [items[(i * len(items)) // n] for i in range(n)]
+
+
+def write_builtin(suites: dict[str, list[dict]], out_dir: Path = SUITES_DIR) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, items in suites.items():
+        with open(out_dir / f"{name}.jsonl", "w", encoding="utf-8") as f:
+            for it in items:
+                f.write(json.dumps(it, ensure_ascii=False) + "\n")
