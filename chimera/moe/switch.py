@@ -1,0 +1,328 @@
+"""Switching routed experts off or on: live (forward hooks on the routers) or persisted (`tune`).
+
+    from chimera.moe.switch import parse_experts, switched
+    with switched(model, off=parse_experts("12:7,14:3"), on=[(5, 1)], mode="replace"):
+        out = model.generate(...)
+    # hooks removed: the model gives bit-identical logits again
+
+Experts are named `(L, e)`: decoder layer index `L` (`model.model.layers[L]`) and routed expert index `e`.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import struct
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from chimera.errors import ChimeraError
+from chimera.moe.routers import OFF_BIAS, ON_BIAS, MoELayer, moe_layers, num_decoder_layers
+
+MODES = ("replace", "drop")
+
+_PAIR_RE = re.compile(r"^\s*(-?\d+)\s*:\s*(-?\d+)\s*$")
+
+Expert = tuple[int, int]
+
+
+# ---------------------------------------------------------------------------------------------- parsing
+def read_ftri_ranking(path: str | os.PathLike) -> list[Expert]:
+    """The ranked experts `(layer, expert)` of an fTRI result file (best first)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ChimeraError(f"{p}: fTRI result file not found")
+    try:
+        data = json.loads(p.read_text())
+    except (OSError, ValueError) as e:
+        raise ChimeraError(f"{p}: not a JSON fTRI result ({e.__class__.__name__})") from None
+    rows = data.get("ranking") if isinstance(data, dict) else None
+    if rows is None and isinstance(data, dict):
+        rows = data.get("top")
+    if not isinstance(rows, list):
+        raise ChimeraError(f"{p}: no 'ranking' list in fTRI result")
+    out: list[Expert] = []
+    for r in rows:
+        if isinstance(r, dict):
+            out.append((int(r["layer"]), int(r["expert"])))
+        elif isinstance(r, (list, tuple)) and len(r) >= 2:
+            out.append((int(r[0]), int(r[1])))
+        else:
+            raise ChimeraError(f"{p}: bad ranking entry {r!r}")
+    return out
+
+
+def parse_experts(spec: str | Iterable | None) -> list[Expert]:
+    """Parse an expert list: "12:7,14:3" (layer:expert) and/or "@ftri.json:10" (top 10 of an fTRI file;
+    "@ftri.json" alone takes the file's whole `top` list). Duplicates are dropped, order kept."""
+    if spec is None:
+        return []
+    if not isinstance(spec, str):
+        out = []
+        for item in spec:
+            if isinstance(item, str):
+                out.extend(parse_experts(item))
+            else:
+                try:
+                    layer, expert = item
+                    out.append((int(layer), int(expert)))
+                except (TypeError, ValueError):
+                    raise ChimeraError(f"bad expert {item!r}: expected (layer, expert)") from None
+        return list(dict.fromkeys(out))
+    out: list[Expert] = []
+    for part in spec.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if part.startswith("@"):
+            ref = part[1:]
+            k = None
+            head, sep, tail = ref.rpartition(":")
+            if sep and tail.strip().isdigit():
+                ref, k = head, int(tail)
+            ranking = read_ftri_ranking(ref)
+            if k is None:
+                data = json.loads(Path(ref).read_text())
+                k = len(data.get("top", ranking))
+            if k > len(ranking):
+                raise ChimeraError(f"{ref}: asked for the top {k} experts but the file ranks only {len(ranking)}")
+            out.extend(ranking[:k])
+            continue
+        m = _PAIR_RE.match(part)
+        if not m:
+            raise ChimeraError(f"bad expert '{part}': expected LAYER:EXPERT (e.g. 12:7) or @ftri.json:K")
+        out.append((int(m.group(1)), int(m.group(2))))
+    return list(dict.fromkeys(out))
+
+
+# ------------------------------------------------------------------------------------------- validation
+def _ranges(xs: list[int]) -> str:
+    xs = sorted(xs)
+    parts, start, prev = [], xs[0], xs[0]
+    for x in xs[1:] + [None]:
+        if x is not None and x == prev + 1:
+            prev = x
+            continue
+        parts.append(f"{start}" if start == prev else f"{start}-{prev}")
+        if x is not None:
+            start = prev = x
+    return ",".join(parts)
+
+
+def check_experts(experts: Iterable[Expert], moe: dict[int, int], n_layers: int | None, what: str = "expert") -> None:
+    """Validate `(layer, expert)` pairs against `moe` = {MoE decoder layer: number of experts}."""
+    for layer, expert in experts:
+        if n_layers is not None and not 0 <= layer < n_layers:
+            raise ChimeraError(f"{what} {layer}:{expert}: layer {layer} out of range (decoder layers 0-{n_layers - 1})")
+        if layer not in moe:
+            raise ChimeraError(f"{what} {layer}:{expert}: layer {layer} is not an MoE layer "
+                               f"(MoE layers: {_ranges(list(moe))})")
+        if not 0 <= expert < moe[layer]:
+            raise ChimeraError(f"{what} {layer}:{expert}: expert {expert} out of range (layer {layer} has "
+                               f"experts 0-{moe[layer] - 1})")
+
+
+def _masks(layers: dict[int, MoELayer], experts: list[Expert]) -> dict[int, torch.Tensor]:
+    masks: dict[int, torch.Tensor] = {}
+    for layer, expert in experts:
+        info = layers[layer]
+        if layer not in masks:
+            w = info.adapter.module.weight
+            masks[layer] = torch.zeros(info.adapter.num_experts, dtype=torch.bool, device=w.device)
+        masks[layer][expert] = True
+    return masks
+
+
+def plan(model: nn.Module, off=(), on=(), mode: str = "replace"):
+    """Validate a switch; returns {layer: (MoELayer, off_mask | None, force_mask | None)}."""
+    if mode not in MODES:
+        raise ChimeraError(f"unknown switch mode '{mode}' (use {' or '.join(MODES)})")
+    off_l, on_l = parse_experts(off), parse_experts(on)
+    layers = moe_layers(model)
+    moe = {L: info.adapter.num_experts for L, info in layers.items()}
+    n_layers = num_decoder_layers(model)
+    check_experts(off_l, moe, n_layers, "off expert")
+    check_experts(on_l, moe, n_layers, "on expert")
+    off_m, on_m = _masks(layers, off_l), _masks(layers, on_l)
+    result = {}
+    for layer in sorted(set(off_m) | set(on_m)):
+        info = layers[layer]
+        o, f = off_m.get(layer), on_m.get(layer)
+        info.adapter.check_masks(o, f, mode, f"layer {layer}")
+        result[layer] = (info, o, f)
+    return result
+
+
+# ------------------------------------------------------------------------------------------- live switch
+def _make_hook(adapter, off, force, mode):
+    def hook(module, inputs, output):
+        router_logits = output[0]
+        weights, index = adapter.select(router_logits, off, force, mode)
+        return (router_logits, weights, index) + tuple(output[3:])
+
+    return hook
+
+
+@contextlib.contextmanager
+def switched(model: nn.Module, off=(), on=(), mode: str = "replace") -> Iterator[dict]:
+    """Switch routed experts off (`off`, by `mode`) or force them on (`on`) while the context is active.
+
+    `off`/`on` are lists of `(layer, expert)` or specs accepted by `parse_experts`. Forward hooks on the
+    routers re-run each architecture's own selection with the masks; they are removed on exit, so the model
+    is exactly as before (no parameter or buffer is touched). Yields the validated plan
+    {layer: (MoELayer, off_mask, force_mask)}.
+    """
+    p = plan(model, off, on, mode)
+    handles = []
+    try:
+        for layer, (info, o, f) in p.items():
+            handles.append(info.adapter.module.register_forward_hook(_make_hook(info.adapter, o, f, mode)))
+        yield p
+    finally:
+        for h in handles:
+            h.remove()
+
+
+# -------------------------------------------------------------------------------------- persisted switch
+_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+_NO_BIAS = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe"}
+
+
+def _bias_name(layer: int) -> str:
+    return f"model.layers.{layer}.mlp.gate.e_score_correction_bias"
+
+
+def _read_header(path: Path) -> tuple[int, dict]:
+    with open(path, "rb") as fh:
+        raw = fh.read(8)
+        if len(raw) != 8:
+            raise ChimeraError(f"{path}: not a safetensors file (too short)")
+        (n,) = struct.unpack("<Q", raw)
+        try:
+            header = json.loads(fh.read(n))
+        except ValueError:
+            raise ChimeraError(f"{path}: not a safetensors file (bad header)") from None
+    return n, header
+
+
+def _tensor_files(src: Path) -> dict[str, str]:
+    """tensor name -> shard file name (relative), from the index or the single `model.safetensors`."""
+    index = src / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            return dict(json.loads(index.read_text())["weight_map"])
+        except (ValueError, KeyError):
+            raise ChimeraError(f"{index}: bad safetensors index (no weight_map)") from None
+    single = src / "model.safetensors"
+    if single.is_file():
+        _, header = _read_header(single)
+        return {k: "model.safetensors" for k in header if k != "__metadata__"}
+    raise ChimeraError(f"{src}: no model.safetensors or model.safetensors.index.json")
+
+
+def tune_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, off=(), on=(), mode: str = "replace",
+                    value: float = OFF_BIAS) -> dict:
+    """Persist a `replace` switch in a DeepSeek-V3 checkpoint: copy `src` to `dst` unchanged except that
+    `model.layers.L.mlp.gate.e_score_correction_bias[e]` becomes `value` (large negative) for each switched-off
+    expert and `ON_BIAS` for each forced one. Only the bias bytes change (patched in place in the copied
+    shard); `src` is never modified; `dst` is written to a temp dir then renamed. Returns a summary dict.
+    """
+    src, dst = Path(src), Path(dst)
+    if mode != "replace":
+        raise ChimeraError(f"a '{mode}' switch can't be persisted: only replace-off (and force-on) switches map "
+                           f"onto the router bias; use the live switch for '{mode}'")
+    cfg_path = src / "config.json"
+    if not cfg_path.is_file():
+        raise ChimeraError(f"{src}: not a checkpoint directory (no config.json)")
+    cfg = json.loads(cfg_path.read_text())
+    mt = cfg.get("model_type")
+    if mt in _NO_BIAS:
+        raise ChimeraError(f"{src}: a persisted switch is not possible for {mt}: its router has no selection bias "
+                           f"(e_score_correction_bias); use the live switch (--off on generate/eval)")
+    if mt != "deepseek_v3":
+        raise ChimeraError(f"{src}: unknown architecture model_type={mt!r}: persisted switches support deepseek_v3 only")
+    if cfg.get("topk_method", "noaux_tc") != "noaux_tc":
+        raise ChimeraError(f"{src}: topk_method={cfg.get('topk_method')!r} has no selection bias (need noaux_tc)")
+    off_l, on_l = parse_experts(off), parse_experts(on)
+    if not off_l and not on_l:
+        raise ChimeraError("nothing to tune: give at least one expert with --off")
+    n_layers = int(cfg["num_hidden_layers"])
+    first = int(cfg.get("first_k_dense_replace", 0))
+    n_exp = int(cfg.get("n_routed_experts", cfg.get("num_local_experts", 0)))
+    moe = {L: n_exp for L in range(first, n_layers)}
+    check_experts(off_l, moe, n_layers, "off expert")
+    check_experts(on_l, moe, n_layers, "on expert")
+    both = set(off_l) & set(on_l)
+    if both:
+        L, e = sorted(both)[0]
+        raise ChimeraError(f"expert {L}:{e} is both switched off and forced on")
+    top_k = int(cfg.get("num_experts_per_tok", 0))
+    for L in {L for L, _ in on_l}:
+        if sum(1 for l2, _ in on_l if l2 == L) > top_k:
+            raise ChimeraError(f"layer {L}: more experts forced on than num_experts_per_tok={top_k}")
+
+    try:
+        if dst.resolve() == src.resolve() or src.resolve() in dst.resolve().parents:
+            raise ChimeraError(f"{dst}: output must not be the input directory or inside it")
+    except OSError:  # pragma: no cover
+        pass
+    if dst.exists():
+        raise ChimeraError(f"{dst}: output already exists")
+
+    files = _tensor_files(src)
+    changes: dict[str, dict[int, float]] = {}
+    for L, e in off_l:
+        changes.setdefault(_bias_name(L), {})[e] = float(value)
+    for L, e in on_l:
+        changes.setdefault(_bias_name(L), {})[e] = float(ON_BIAS)
+    by_file: dict[str, list[str]] = {}
+    for name in changes:
+        if name not in files:
+            raise ChimeraError(f"{src}: tensor {name} not in the checkpoint")
+        by_file.setdefault(files[name], []).append(name)
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    record = {"source": str(src), "value_off": float(value), "value_on": float(ON_BIAS), "tensors": {}}
+    try:
+        shutil.copytree(src, tmp, dirs_exist_ok=True, copy_function=shutil.copy2)
+        for fname, names in by_file.items():
+            path = tmp / fname
+            n, header = _read_header(path)
+            with open(path, "r+b") as fh:
+                for name in names:
+                    entry = header.get(name)
+                    if entry is None:
+                        raise ChimeraError(f"{src / fname}: tensor {name} missing from the shard")
+                    dtype = _ST_DTYPES.get(entry["dtype"])
+                    if dtype is None or len(entry["shape"]) != 1:
+                        raise ChimeraError(f"{src / fname}: {name} has dtype {entry['dtype']} shape {entry['shape']}; "
+                                           f"expected a 1-D float bias")
+                    start, end = entry["data_offsets"]
+                    fh.seek(8 + n + start)
+                    buf = bytearray(fh.read(end - start))
+                    t = torch.frombuffer(buf, dtype=dtype)  # shares memory with buf
+                    if t.numel() <= max(changes[name]):
+                        raise ChimeraError(f"{src / fname}: {name} has {t.numel()} entries")
+                    old = {e: float(t[e]) for e in changes[name]}
+                    for e, v in changes[name].items():
+                        t[e] = v
+                    fh.seek(8 + n + start)
+                    fh.write(bytes(buf))
+                    record["tensors"][name] = {"file": fname, "experts": {str(e): {"old": old[e], "new": float(t[e])}
+                                                                          for e in changes[name]}}
+        (tmp / "chimera-tune.json").write_text(json.dumps(record, indent=2) + "\n")
+        os.replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    record["output"] = str(dst)
+    record["n_off"] = len(off_l)
+    record["n_on"] = len(on_l)
+    return record
