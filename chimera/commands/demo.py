@@ -113,7 +113,8 @@ def demo(out: Path = typer.Option(Path("demo-out"), "-o", "--out", help="where t
         r = evaluate(model, tok, ["arithmetic", "sensitive"], n=n)
         rows.append((name, r, time.perf_counter() - t0))
     t = Table(title=f"evaluation, {n} prompts per suite (95% CI in brackets)")
-    for c in ("model", "arithmetic accuracy", "think rate", "mean output tokens", "refusal (sensitive suite)"):
+    for c in ("model", "arithmetic accuracy", "think rate", "mean output tokens", "refusal: sensitive topics",
+              "refusal: benign topics"):
         t.add_column(c)
 
     def fmt(m: dict | None) -> str:
@@ -122,9 +123,9 @@ def demo(out: Path = typer.Option(Path("demo-out"), "-o", "--out", help="where t
         return f"{m['value']:.2f} [{m['lo']:.2f}, {m['hi']:.2f}]"
 
     for name, r, dt in rows:
-        ar, se = r["arithmetic"]["metrics"], r["sensitive"]["metrics"]
+        ar, sp = r["arithmetic"]["metrics"], r["sensitive"]["splits"]
         t.add_row(name, fmt(ar.get("accuracy")), fmt(ar.get("think_rate")), fmt(ar.get("output_tokens_mean")),
-                  fmt(se.get("refusal_rate")))
+                  fmt(sp.get("sensitive", {}).get("refusal_rate")), fmt(sp.get("benign", {}).get("refusal_rate")))
     console.print(t)
 
 
