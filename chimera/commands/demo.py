@@ -127,6 +127,34 @@ def demo(out: Path = typer.Option(Path("demo-out"), "-o", "--out", help="where t
         t.add_row(name, fmt(ar.get("accuracy")), fmt(ar.get("think_rate")), fmt(ar.get("output_tokens_mean")),
                   fmt(sp.get("sensitive", {}).get("refusal_rate")), fmt(sp.get("benign", {}).get("refusal_rate")))
     console.print(t)
+    _mote(b, n)
+
+
+def _mote(r1: Path, n: int) -> None:
+    """Switch tiny-r1's top fTRI refusal experts off (live hooks) and measure refusals again."""
+    import json
+
+    ranking = Path(__file__).resolve().parents[2] / "docs" / "mote-evidence.json"
+    if not ranking.is_file():
+        return
+    console.rule("[bold]3. Mixture of Tunable Experts: tiny-r1's refusal experts switched off")
+    from chimera.eval.harness import evaluate, load as load_model
+    from chimera.moe.switch import switched
+
+    ev = json.loads(ranking.read_text())
+    off = [(L, e) for L, e, _ in ev["ftri_refusal_response_top10"]]
+    model, tok = load_model(r1.parent / "tiny-r1" if (r1.parent / "tiny-r1").is_dir() else r1)
+    t = Table(title=f"fTRI top-10 refusal experts (of {ev['routed_experts']}) off, from {ranking.name}")
+    for c in ("condition", "refusal: sensitive", "refusal: benign", "benign-topic accuracy"):
+        t.add_column(c)
+    for name, experts in (("tiny-r1", []), ("tiny-r1, 10 experts off (replace)", off)):
+        with switched(model, off=experts, mode="replace"):
+            sp = evaluate(model, tok, "sensitive", n=None)["sensitive"]["splits"]
+        t.add_row(name, f"{sp['sensitive']['refusal_rate']['value']:.2f}", f"{sp['benign']['refusal_rate']['value']:.2f}",
+                  f"{sp['benign'].get('accuracy', {}).get('value', float('nan')):.2f}")
+    console.print(t)
+    console.print(f"experts switched off (layer:expert): {', '.join(f'{L}:{e}' for L, e in off)}; "
+                  "full evidence with random controls: docs/mote-evidence.md")
 
 
 def register(app: typer.Typer) -> None:
