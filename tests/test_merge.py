@@ -323,3 +323,15 @@ def test_diff_cli_csv(ds_pair, tmp_path):
         n = r["tensor"]
         assert abs(float(r["distance"]) - float((fb[n] - fa[n]).norm() / fa[n].norm())) < 1e-5
     assert (tmp_path / "d.png").stat().st_size > 1000
+
+
+def test_plan_distances_without_threshold(ds_pair, tmp_path):
+    a, b, *_ = ds_pair
+    d = {"parents": {"v3": str(a), "r1": str(b)}, "base": "v3", "weights": {"default": {"v3": 0.5, "r1": 0.5}}}
+    plan = build_plan(load(recipe(tmp_path, d)))
+    rep = plan_report(plan, with_distances=True, metric="symmetric")
+    fa, fb = ckpt.load_float(a), ckpt.load_float(b)
+    n = "model.layers.1.mlp.experts.2.down_proj.weight"
+    want = float(2 * (fb[n] - fa[n]).norm() / (fa[n].norm() + fb[n].norm()))
+    assert abs(rep["distances"][n] - want) < 1e-6 and "threshold" not in rep
+    assert len(rep["distances"]) == len(plan.items)

@@ -44,8 +44,9 @@ def row_chunks(shape: tuple[int, ...], block: int) -> list[tuple[int, int] | Non
     return [(r, min(r + step, shape[0])) for r in range(0, shape[0], step)]
 
 
-def _distance(it: Item, parents: list[str]) -> float:
+def _distance(it: Item, parents: list[str], metric: str | None = None) -> float:
     """max_i d(P_i, base) over the non-base parents, on dequantized values, chunk by chunk."""
+    metric = metric or (it.threshold.metric if it.threshold else "relative")
     norms = {p: Norms() for p in parents if p != it.base}
     b = it.source(it.base)
     for rows in row_chunks(it.shape, it.block):
@@ -53,7 +54,7 @@ def _distance(it: Item, parents: list[str]) -> float:
         for p, n in norms.items():
             s = it.source(p)
             n.add(read_float(s.weight, s.scale, s.block, rows), wb)
-    return max((n.distance(it.threshold.metric) for n in norms.values()), default=0.0)
+    return max((n.distance(metric) for n in norms.values()), default=0.0)
 
 
 def _copy(it: Item, out: ShardFile, parent: str) -> None:

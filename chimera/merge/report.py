@@ -13,7 +13,7 @@ from chimera.merge.execute import _distance, row_chunks
 from chimera.merge.plan import Plan
 
 
-def plan_report(plan: Plan, with_distances: bool = False) -> dict:
+def plan_report(plan: Plan, with_distances: bool = False, metric: str | None = None) -> dict:
     """Rows grouped by (class, operation, lambdas); with distances, the threshold's merged/base counts."""
     groups: dict[tuple, dict] = {}
     for it in plan.items:
@@ -27,10 +27,14 @@ def plan_report(plan: Plan, with_distances: bool = False) -> dict:
     rep: dict = {"plan_id": plan.plan_id, "rows": list(groups.values()), "summary": summary}
     if with_distances:
         parents = list(plan.recipe.parents)
+        metric = metric or (plan.recipe.threshold.metric if plan.recipe.threshold else "relative")
         dist = {}
         for it in plan.items:
             if len(it.sources) > 1 or it.threshold is not None:
-                dist[it.name] = _distance(it, [s.parent for s in it.sources])
+                srcs = [s.parent for s in it.sources]
+                if it.base not in srcs:  # a mix without the base: measure each parent against the base anyway
+                    continue
+                dist[it.name] = _distance(it, srcs, metric)
         rep["distances"] = dist
         th = plan.recipe.threshold
         if th is not None:
