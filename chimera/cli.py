@@ -16,17 +16,10 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
 
 
 def _register() -> None:
-    from chimera.commands import merge as merge_commands
+    from chimera.commands import demo, eval, merge, moe, sweep
 
-    merge_commands.register(app)
-    for name in ("eval", "moe", "sweep", "demo"):
-        try:
-            module = __import__(f"chimera.commands.{name}", fromlist=["register"])
-        except ModuleNotFoundError as e:
-            if e.name != f"chimera.commands.{name}":
-                raise
-            continue
-        module.register(app)
+    for wing in (merge, eval, moe, sweep, demo):
+        wing.register(app)
 
 
 _register()
