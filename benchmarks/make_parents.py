@@ -23,6 +23,16 @@ def scale(shape, g):
     return torch.rand((-(-shape[0] // 128), -(-shape[1] // 128)), generator=g) * 1e-3 + 1e-5
 
 
+def write_shards(path: Path, shards: list[dict[str, torch.Tensor]]) -> None:
+    """One safetensors file per dict, plus the HF index."""
+    n, wm = len(shards), {}
+    for i, t in enumerate(shards):
+        fn = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        save_file(t, str(path / fn), metadata={"format": "pt"})
+        wm.update({k: fn for k in t})
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": wm}))
+
+
 def deepseek(path: Path, seed: int, layers: int = 8, experts: int = 48) -> None:
     g = torch.Generator().manual_seed(seed)
     h, inter, moe, heads, vocab = 2048, 5632, 768, 16, 32000
@@ -37,7 +47,6 @@ def deepseek(path: Path, seed: int, layers: int = 8, experts: int = 48) -> None:
                                    "weight_block_size": [128, 128]}}
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(cfg, indent=2))
-    wm: dict[str, str] = {}
     shards = []
 
     def fp8w(t: dict, name: str, shape):
@@ -70,12 +79,7 @@ def deepseek(path: Path, seed: int, layers: int = 8, experts: int = 48) -> None:
     shards.append({"model.embed_tokens.weight": (torch.randn(vocab, h, generator=g) * 0.02).to(torch.bfloat16),
                    "lm_head.weight": (torch.randn(vocab, h, generator=g) * 0.02).to(torch.bfloat16),
                    "model.norm.weight": torch.randn(h, generator=g).to(torch.bfloat16)})
-    n = len(shards)
-    for i, t in enumerate(shards):
-        fn = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-        save_file(t, str(path / fn), metadata={"format": "pt"})
-        wm.update({k: fn for k in t})
-    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": wm}))
+    write_shards(path, shards)
 
 
 def mixtral(path: Path, seed: int, layers: int = 5, experts: int = 8) -> None:
@@ -87,7 +91,7 @@ def mixtral(path: Path, seed: int, layers: int = 5, experts: int = 8) -> None:
            "vocab_size": vocab, "torch_dtype": "bfloat16", "rms_norm_eps": 1e-5}
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(cfg, indent=2))
-    wm, shards = {}, []
+    shards = []
 
     def w(shape):
         return (torch.randn(shape, generator=g) * 0.02).to(torch.bfloat16)
@@ -104,12 +108,7 @@ def mixtral(path: Path, seed: int, layers: int = 5, experts: int = 8) -> None:
             t[p + f"block_sparse_moe.experts.{e}.w2.weight"] = w((h, inter))
         shards.append(t)
     shards.append({"model.embed_tokens.weight": w((vocab, h)), "lm_head.weight": w((vocab, h)), "model.norm.weight": w(h)})
-    n = len(shards)
-    for i, t in enumerate(shards):
-        fn = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-        save_file(t, str(path / fn), metadata={"format": "pt"})
-        wm.update({k: fn for k in t})
-    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": wm}))
+    write_shards(path, shards)
 
 
 if __name__ == "__main__":

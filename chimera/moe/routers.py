@@ -150,6 +150,20 @@ class DeepseekV3Adapter(RouterAdapter):
         return topk_weights, topk_indices
 
 
+def _softmax_topk(router_probs, top_k, off, force, mode):
+    """Top-k of softmax probabilities [T, E] with `replace`-off experts masked to -inf and forced ones
+    to +inf before selection; returns the unmasked probabilities of the chosen experts [T, k]."""
+    if (off is None or mode != "replace") and force is None:
+        return torch.topk(router_probs, top_k, dim=-1)
+    choice = router_probs
+    if off is not None and mode == "replace":
+        choice = choice.masked_fill(off, float("-inf"))
+    if force is not None:
+        choice = choice.masked_fill(force, float("inf"))
+    indices = torch.topk(choice, top_k, dim=-1)[1]
+    return router_probs.gather(1, indices), indices
+
+
 class MixtralAdapter(RouterAdapter):
     """softmax in float32, top-k, always renormalised; weights stay float32."""
 
@@ -158,16 +172,7 @@ class MixtralAdapter(RouterAdapter):
     def select(self, router_logits, off=None, force=None, mode="replace"):
         m = self.module
         router_probs = torch.nn.functional.softmax(router_logits.float(), dim=-1)
-        if (off is None or mode != "replace") and force is None:
-            top_value, indices = torch.topk(router_probs, m.top_k, dim=-1)
-        else:
-            choice = router_probs
-            if off is not None and mode == "replace":
-                choice = choice.masked_fill(off, float("-inf"))
-            if force is not None:
-                choice = choice.masked_fill(force, float("inf"))
-            indices = torch.topk(choice, m.top_k, dim=-1)[1]
-            top_value = router_probs.gather(1, indices)
+        top_value, indices = _softmax_topk(router_probs, m.top_k, off, force, mode)
         top_value /= top_value.sum(dim=-1, keepdim=True)
         if off is not None and mode == "drop":
             top_value = _drop(top_value, indices, off)
@@ -183,16 +188,7 @@ class QwenStyleAdapter(RouterAdapter):
     def select(self, router_logits, off=None, force=None, mode="replace"):
         m = self.module
         router_probs = torch.nn.functional.softmax(router_logits, dtype=torch.float, dim=-1)
-        if (off is None or mode != "replace") and force is None:
-            top_value, indices = torch.topk(router_probs, m.top_k, dim=-1)
-        else:
-            choice = router_probs
-            if off is not None and mode == "replace":
-                choice = choice.masked_fill(off, float("-inf"))
-            if force is not None:
-                choice = choice.masked_fill(force, float("inf"))
-            indices = torch.topk(choice, m.top_k, dim=-1)[1]
-            top_value = router_probs.gather(1, indices)
+        top_value, indices = _softmax_topk(router_probs, m.top_k, off, force, mode)
         if m.norm_topk_prob:
             top_value /= top_value.sum(dim=-1, keepdim=True)
         if off is not None and mode == "drop":
