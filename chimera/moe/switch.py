@@ -173,20 +173,34 @@ def _make_hook(adapter, off, force, mode):
 def switched(model: nn.Module, off=(), on=(), mode: str = "replace") -> Iterator[dict]:
     """Switch routed experts off (`off`, by `mode`) or force them on (`on`) while the context is active.
 
-    `off`/`on` are lists of `(layer, expert)` or specs accepted by `parse_experts`. Forward hooks on the
-    routers re-run each architecture's own selection with the masks; they are removed on exit, so the model
-    is exactly as before (no parameter or buffer is touched). Yields the validated plan
-    {layer: (MoELayer, off_mask, force_mask)}.
+    `off`/`on` are lists of `(layer, expert)` or specs accepted by `parse_experts`. DeepSeek-V3 `replace`
+    and force switches write OFF_BIAS / ON_BIAS into the router's `e_score_correction_bias` buffer (what the
+    router adapter's hook would compute, at no cost per token; the persisted `tune` writes the same values);
+    every other switch is a forward hook that re-runs the architecture's own selection with the masks. On
+    exit the buffers are restored bit for bit and the hooks removed, so the model is exactly as before.
+    Yields the validated plan {layer: (MoELayer, off_mask, force_mask)}.
     """
     p = plan(model, off, on, mode)
-    handles = []
+    handles, saved = [], []
     try:
         for layer, (info, o, f) in p.items():
-            handles.append(info.adapter.module.register_forward_hook(_make_hook(info.adapter, o, f, mode)))
+            if getattr(info.adapter, "has_bias", False) and mode == "replace":
+                bias = info.adapter.module.e_score_correction_bias
+                saved.append((bias, bias.detach().clone()))
+                with torch.no_grad():
+                    if o is not None:
+                        bias.masked_fill_(o, OFF_BIAS)
+                    if f is not None:
+                        bias.masked_fill_(f, ON_BIAS)
+            else:
+                handles.append(info.adapter.module.register_forward_hook(_make_hook(info.adapter, o, f, mode)))
         yield p
     finally:
         for h in handles:
             h.remove()
+        with torch.no_grad():
+            for bias, old in saved:
+                bias.copy_(old)
 
 
 # -------------------------------------------------------------------------------------- persisted switch
