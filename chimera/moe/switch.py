@@ -14,7 +14,6 @@ import json
 import os
 import re
 import shutil
-import struct
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from chimera.checkpoint.files import Checkpoint, read_tensor
 from chimera.errors import ChimeraError
 from chimera.moe.routers import OFF_BIAS, ON_BIAS, MoELayer, moe_layers, num_decoder_layers
 
@@ -204,40 +204,11 @@ def switched(model: nn.Module, off=(), on=(), mode: str = "replace") -> Iterator
 
 
 # -------------------------------------------------------------------------------------- persisted switch
-_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 _NO_BIAS = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe"}
 
 
 def _bias_name(layer: int) -> str:
     return f"model.layers.{layer}.mlp.gate.e_score_correction_bias"
-
-
-def _read_header(path: Path) -> tuple[int, dict]:
-    with open(path, "rb") as fh:
-        raw = fh.read(8)
-        if len(raw) != 8:
-            raise ChimeraError(f"{path}: not a safetensors file (too short)")
-        (n,) = struct.unpack("<Q", raw)
-        try:
-            header = json.loads(fh.read(n))
-        except ValueError:
-            raise ChimeraError(f"{path}: not a safetensors file (bad header)") from None
-    return n, header
-
-
-def _tensor_files(src: Path) -> dict[str, str]:
-    """tensor name -> shard file name (relative), from the index or the single `model.safetensors`."""
-    index = src / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            return dict(json.loads(index.read_text())["weight_map"])
-        except (ValueError, KeyError):
-            raise ChimeraError(f"{index}: bad safetensors index (no weight_map)") from None
-    single = src / "model.safetensors"
-    if single.is_file():
-        _, header = _read_header(single)
-        return {k: "model.safetensors" for k in header if k != "__metadata__"}
-    raise ChimeraError(f"{src}: no model.safetensors or model.safetensors.index.json")
 
 
 def tune_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, off=(), on=(), mode: str = "replace",
@@ -289,48 +260,38 @@ def tune_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, off=(), on=(
     if dst.exists():
         raise ChimeraError(f"{dst}: output already exists")
 
-    files = _tensor_files(src)
+    tensors = Checkpoint(src).tensors  # headers read and checked by the checkpoint layer
     changes: dict[str, dict[int, float]] = {}
     for L, e in off_l:
         changes.setdefault(_bias_name(L), {})[e] = float(value)
     for L, e in on_l:
         changes.setdefault(_bias_name(L), {})[e] = float(ON_BIAS)
-    by_file: dict[str, list[str]] = {}
     for name in changes:
-        if name not in files:
+        if name not in tensors:
             raise ChimeraError(f"{src}: tensor {name} not in the checkpoint")
-        by_file.setdefault(files[name], []).append(name)
+        info = tensors[name]
+        if info.dtype not in ("F32", "F16", "BF16", "F64") or len(info.shape) != 1:
+            raise ChimeraError(f"{info.file}: {name} has dtype {info.dtype} shape {list(info.shape)}; "
+                               f"expected a 1-D float bias")
+        if info.numel <= max(changes[name]):
+            raise ChimeraError(f"{info.file}: {name} has {info.numel} entries")
 
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
     record = {"source": str(src), "value_off": float(value), "value_on": float(ON_BIAS), "tensors": {}}
     try:
         shutil.copytree(src, tmp, dirs_exist_ok=True, copy_function=shutil.copy2)
-        for fname, names in by_file.items():
-            path = tmp / fname
-            n, header = _read_header(path)
-            with open(path, "r+b") as fh:
-                for name in names:
-                    entry = header.get(name)
-                    if entry is None:
-                        raise ChimeraError(f"{src / fname}: tensor {name} missing from the shard")
-                    dtype = _ST_DTYPES.get(entry["dtype"])
-                    if dtype is None or len(entry["shape"]) != 1:
-                        raise ChimeraError(f"{src / fname}: {name} has dtype {entry['dtype']} shape {entry['shape']}; "
-                                           f"expected a 1-D float bias")
-                    start, end = entry["data_offsets"]
-                    fh.seek(8 + n + start)
-                    buf = bytearray(fh.read(end - start))
-                    t = torch.frombuffer(buf, dtype=dtype)  # shares memory with buf
-                    if t.numel() <= max(changes[name]):
-                        raise ChimeraError(f"{src / fname}: {name} has {t.numel()} entries")
-                    old = {e: float(t[e]) for e in changes[name]}
-                    for e, v in changes[name].items():
-                        t[e] = v
-                    fh.seek(8 + n + start)
-                    fh.write(bytes(buf))
-                    record["tensors"][name] = {"file": fname, "experts": {str(e): {"old": old[e], "new": float(t[e])}
-                                                                          for e in changes[name]}}
+        for name, new_values in changes.items():
+            info = tensors[name]
+            t = read_tensor(info)                     # the stored bias [E], patched at the same offset
+            old = {e: float(t[e]) for e in new_values}
+            for e, v in new_values.items():
+                t[e] = v
+            with open(tmp / info.file.name, "r+b") as fh:
+                fh.seek(info.start)
+                fh.write(t.view(torch.uint8).numpy().tobytes())
+            record["tensors"][name] = {"file": info.file.name,
+                                       "experts": {str(e): {"old": old[e], "new": float(t[e])} for e in new_values}}
         (tmp / "chimera-tune.json").write_text(json.dumps(record, indent=2) + "\n")
         os.replace(tmp, dst)
     except BaseException:
