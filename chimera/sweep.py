@@ -330,9 +330,7 @@ def _merge_child(recipe_d: dict, out: Path) -> dict:
 
     recipe = from_dict(recipe_d, "sweep recipe")
     res = run_merge(build_plan(recipe), out, force=True, workers=1)
-    ops: dict[str, int] = {}
-    for r in res.records.values():
-        ops[r["op"]] = ops.get(r["op"], 0) + 1
+    ops = res.ops
     thresholded = [r for r in res.records.values() if "distance" in r]
     return {"ops": ops, "tensors": len(res.records),
             "tensors_mixed": ops.get("mix", 0), "tensors_from_base": ops.get("base", 0),

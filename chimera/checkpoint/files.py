@@ -98,7 +98,7 @@ def read_tensor(info: TensorInfo, rows: tuple[int, int] | None = None) -> torch.
         shape[0] = rows[1] - rows[0]
     buf = bytearray(nbytes)
     with open(info.file, "rb", buffering=0) as f:
-        got = f.readinto(memoryview(buf)) if start == 0 else _pread_into(f, buf, start)
+        got = _pread_into(f, buf, start)
     if got != nbytes:
         raise ChimeraError(f"{info.file}: short read of tensor {info.name}")
     if nbytes == 0:
@@ -115,6 +115,11 @@ def _pread_into(f, buf: bytearray, offset: int) -> int:
             break
         got += n
     return got
+
+
+def scale_name(weight: str) -> str:
+    """`x.weight` -> `x.weight_scale_inv`, the name of an FP8 weight's block scales."""
+    return weight[: -len(".weight")] + SCALE_SUFFIX
 
 
 class Checkpoint:
@@ -202,7 +207,7 @@ class Checkpoint:
         """The `weight_scale_inv` companion of an FP8 weight, or None for an unquantized tensor."""
         if not name.endswith(".weight"):
             return None
-        return self.tensors.get(name[: -len(".weight")] + SCALE_SUFFIX)
+        return self.tensors.get(scale_name(name))
 
     def logical(self) -> dict[str, TensorInfo]:
         """Tensors without their scale companions (what a merge is planned over).

@@ -63,7 +63,7 @@ def _provenance(child: Path, a: Path, b: Path) -> Table:
         in_a, in_b = data == raw(ca, name), data == raw(cb, name)
         src = "both" if in_a and in_b else "base" if in_a else "donor" if in_b else "neither"
         counts.setdefault(cls, {"base": 0, "donor": 0, "both": 0, "neither": 0})[src] += 1
-    t = Table(title=f"what came from where (byte-identical stored tensors, scales included)")
+    t = Table(title="what came from where (byte-identical stored tensors, scales included)")
     for c in ("class", f"= {a.name} only", f"= {b.name} only", "= both (parents equal)", "neither"):
         t.add_column(c)
     for cls, c in sorted(counts.items()):

@@ -71,10 +71,8 @@ def merge(recipe: Path = typer.Argument(..., help="recipe YAML"),
         res = run_merge(p, out, resume=resume, force=force, workers=workers,
                         on_bytes=lambda n: bar.advance(task, n), compile=compile)
     dt = time.perf_counter() - t0
-    ops: dict[str, int] = {}
-    for r in res.records.values():
-        ops[r["op"]] = ops.get(r["op"], 0) + 1
-    Console().print(f"wrote {res.out} ({res.written} of {res.shards} shard(s) this run) in {dt:.1f}s; operations: {ops}")
+    Console().print(f"wrote {res.out} ({res.written} of {res.shards} shard(s) this run) in {dt:.1f}s; "
+                    f"operations: {res.ops}")
 
 
 def diff(a: Path = typer.Argument(..., help="parent A (the one measured)"),

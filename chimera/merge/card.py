@@ -8,11 +8,9 @@ import yaml
 from chimera.merge.plan import Plan
 
 
-def write(plan: Plan, out: Path, records: dict[str, dict]) -> None:
+def write(plan: Plan, out: Path, ops: dict[str, int]) -> None:
+    """`ops`: how many tensors each operation produced."""
     r = plan.recipe
-    ops: dict[str, int] = {}
-    for rec in records.values():
-        ops[rec["op"]] = ops.get(rec["op"], 0) + 1
     meta = {"base_model": [str(p) for p in r.parents.values()], "base_model_relation": "merge",
             "library_name": "transformers",
             "tags": ["chimera", "merge", "assembly-of-experts", "moe", plan.arch]}

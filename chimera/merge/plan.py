@@ -18,10 +18,9 @@ import hashlib
 import json
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from chimera.checkpoint import arch
-from chimera.checkpoint.files import SCALE_SUFFIX, Checkpoint, TensorInfo
+from chimera.checkpoint.files import Checkpoint, TensorInfo, scale_name
 from chimera.checkpoint.fp8 import scale_shape
 from chimera.checkpoint.writer import Slot
 from chimera.errors import ChimeraError
@@ -63,7 +62,7 @@ class Item:
     def slots(self) -> list[Slot]:
         s = [Slot(self.name, self.dtype, self.shape)]
         if self.fp8_out:
-            s.append(Slot(self.name[: -len(".weight")] + SCALE_SUFFIX, "F32", scale_shape(self.shape, self.block)))
+            s.append(Slot(scale_name(self.name), "F32", scale_shape(self.shape, self.block)))
         return s
 
     @property
@@ -103,13 +102,8 @@ class Plan:
         return [it for j in self.jobs for it in j.items]
 
     def summary(self) -> dict:
-        ops = Counter(it.op for it in self.items)
-        by_class: dict[str, Counter] = {}
-        for it in self.items:
-            key = ",".join(f"{p}={lam:g}" for p, lam in it.lambdas)
-            by_class.setdefault(it.cls or "override", Counter())[f"{it.op} {key}"] += 1
-        return {"tensors": len(self.items), "ops": dict(ops), "shards": len(self.jobs),
-                "output_bytes": sum(j.nbytes for j in self.jobs), "by_class": by_class,
+        return {"tensors": len(self.items), "ops": dict(Counter(it.op for it in self.items)),
+                "shards": len(self.jobs), "output_bytes": sum(j.nbytes for j in self.jobs),
                 "thresholded": sum(1 for it in self.items if it.threshold is not None)}
 
 

@@ -9,7 +9,7 @@ from chimera.checkpoint import arch
 from chimera.checkpoint.files import Checkpoint
 from chimera.errors import ChimeraError
 from chimera.merge.distance import Norms
-from chimera.merge.execute import _distance, row_chunks
+from chimera.merge.execute import distance_to_base, row_chunks
 from chimera.merge.plan import Plan
 
 
@@ -34,7 +34,7 @@ def plan_report(plan: Plan, with_distances: bool = False, metric: str | None = N
                 srcs = [s.parent for s in it.sources]
                 if it.base not in srcs:  # a mix without the base: measure each parent against the base anyway
                     continue
-                dist[it.name] = _distance(it, srcs, metric)
+                dist[it.name] = distance_to_base(it, srcs, metric)
         rep["distances"] = dist
         th = plan.recipe.threshold
         if th is not None:

@@ -20,7 +20,6 @@ import re
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from chimera.errors import ChimeraError
