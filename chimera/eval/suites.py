@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 from chimera.errors import ChimeraError
@@ -37,19 +38,25 @@ def suite_path(name: str) -> Path:
     raise ChimeraError(f"unknown suite {name!r} (one of {', '.join(BUILTIN)}, all, or a .jsonl file)")
 
 
-def load(name: str) -> list[dict]:
-    """The items of a suite; a bad line raises a one-line error naming file:line."""
-    path = suite_path(name)
+def read_jsonl(path: Path, what: str = "file") -> Iterator[tuple[int, object]]:
+    """(line number, parsed value) for every non-blank line; a missing file or a bad line is a one-line
+    error naming file:line."""
     if not path.is_file():
-        raise ChimeraError(f"{path}: suite file not found")
-    items = []
+        raise ChimeraError(f"{path}: {what} not found")
     for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
         try:
-            item = json.loads(line)
+            yield lineno, json.loads(line)
         except json.JSONDecodeError as e:
             raise ChimeraError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
+
+
+def load(name: str) -> list[dict]:
+    """The items of a suite; a bad line raises a one-line error naming file:line."""
+    path = suite_path(name)
+    items = []
+    for lineno, item in read_jsonl(path, "suite file"):
         if not isinstance(item, dict):
             raise ChimeraError(f"{path}:{lineno}: expected a JSON object")
         if not isinstance(item.get("prompt"), str) or not item["prompt"].strip():

@@ -25,17 +25,11 @@ PROMPT_KEYS = ("prompt", "text", "question", "input", "instruction", "query")
 def load_prompts(path: str | os.PathLike) -> list[str]:
     """Prompts of a JSONL file: one JSON object per line with a `prompt` (or text/question/input) field, or a
     JSON string per line. Blank lines are skipped; an empty file is an error."""
+    from chimera.eval.suites import read_jsonl
+
     p = Path(path)
-    if not p.is_file():
-        raise ChimeraError(f"{p}: prompt file not found")
     out = []
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except ValueError:
-            raise ChimeraError(f"{p}:{n}: not a JSON line") from None
+    for n, obj in read_jsonl(p, "prompt file"):
         if isinstance(obj, str):
             out.append(obj)
             continue
