@@ -205,23 +205,17 @@ def save_model(model, tok, out_dir: Path, card: dict) -> None:
 
 def check_saved(out_dir: Path) -> None:
     """The checkpoint has per-expert tensors and the router bias, like DeepSeek's own files."""
-    from safetensors import safe_open
+    from chimera.checkpoint.files import Checkpoint
 
-    names = set()
-    for f in sorted(out_dir.glob("*.safetensors")):
-        with safe_open(str(f), "pt") as s:
-            names |= set(s.keys())
+    names = set(Checkpoint(out_dir).tensors)
     assert "model.layers.1.mlp.experts.0.gate_proj.weight" in names, f"{out_dir}: no per-expert tensors"
     assert "model.layers.1.mlp.gate.e_score_correction_bias" in names, f"{out_dir}: no router bias"
 
 
-def make_fp8(models_dir: Path, log=print) -> list[str]:
-    """FP8 copies with chimera's own converter, when that module exists."""
-    try:
-        from chimera.checkpoint.convert import convert
-    except ImportError:
-        log("fp8: chimera.checkpoint.convert not available; FP8 copies skipped")
-        return []
+def make_fp8(models_dir: Path) -> list[str]:
+    """FP8 copies with chimera's own converter (which also copies tokenizer, zoo.json and other side files)."""
+    from chimera.checkpoint.convert import convert
+
     made = []
     for name in ("tiny-v3", "tiny-r1"):
         src, dst = models_dir / name, models_dir / f"{name}-fp8"
@@ -230,9 +224,6 @@ def make_fp8(models_dir: Path, log=print) -> list[str]:
         if dst.exists():
             shutil.rmtree(dst)
         convert(src, dst, dtype="float8")
-        for extra in ("zoo.json",):
-            if (src / extra).exists() and not (dst / extra).exists():
-                shutil.copy(src / extra, dst / extra)
         made.append(dst.name)
     return made
 
@@ -284,7 +275,7 @@ def build_family(out_dir: Path | None = None, scale: float = 1.0, plan: Plan | N
             save_model(model, tok, out_dir / name, card)
             summary[f"{name}_seconds"] = round(time.time() - t0, 1)
     if fp8:
-        summary["fp8"] = make_fp8(out_dir, log)
+        summary["fp8"] = make_fp8(out_dir)
     summary["seconds"] = round(time.time() - t0, 1)
     return summary
 
