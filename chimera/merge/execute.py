@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import threading
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ from typing import Callable
 import torch
 
 from chimera.checkpoint import fp8
-from chimera.checkpoint.files import INDEX, SCALE_SUFFIX, read_float, read_tensor
+from chimera.checkpoint.files import DTYPES, INDEX, read_float, read_tensor, scale_name
 from chimera.checkpoint.writer import STATE_DIR, Progress, ShardFile, write_index, write_json_atomic
 from chimera.errors import ChimeraError
 from chimera.merge import card, mix
@@ -44,7 +45,7 @@ def row_chunks(shape: tuple[int, ...], block: int) -> list[tuple[int, int] | Non
     return [(r, min(r + step, shape[0])) for r in range(0, shape[0], step)]
 
 
-def _distance(it: Item, parents: list[str], metric: str | None = None) -> float:
+def distance_to_base(it: Item, parents: list[str], metric: str | None = None) -> float:
     """max_i d(P_i, base) over the non-base parents, on dequantized values, chunk by chunk."""
     metric = metric or (it.threshold.metric if it.threshold else "relative")
     norms = {p: Norms() for p in parents if p != it.base}
@@ -61,7 +62,7 @@ def _copy(it: Item, out: ShardFile, parent: str) -> None:
     s = it.source(parent)
     out.copy_from(it.name, s.weight.file, s.weight.start, s.weight.nbytes)
     if it.fp8_out:
-        out.copy_from(it.name[: -len(".weight")] + SCALE_SUFFIX, s.scale.file, s.scale.start, s.scale.nbytes)
+        out.copy_from(scale_name(it.name), s.scale.file, s.scale.start, s.scale.nbytes)
 
 
 def run_item(it: Item, out: ShardFile, compiled: bool = False) -> dict:
@@ -72,7 +73,8 @@ def run_item(it: Item, out: ShardFile, compiled: bool = False) -> dict:
         return rec
     lams = list(it.lambdas)
     if it.threshold is not None:
-        d = _distance(it, [p for p, _ in lams])
+        # a second read of this tensor follows when it is mixed: the decision needs the whole tensor first
+        d = distance_to_base(it, [p for p, _ in lams])
         rec["distance"] = d
         if d < it.threshold.delta:
             rec["op"], rec["lambdas"], lams = "base", {it.base: 1.0}, [(it.base, 1.0)]
@@ -80,8 +82,6 @@ def run_item(it: Item, out: ShardFile, compiled: bool = False) -> dict:
             if b.weight.dtype == it.dtype and (not it.fp8_out or b.block == it.block):
                 _copy(it, out, it.base)
                 return rec
-    scale_name = it.name[: -len(".weight")] + SCALE_SUFFIX
-    out_dtype = out.slots[it.name]
     srcs = [it.source(p) for p, _ in lams]
     fast = (it.fp8_out and len(it.shape) == 2 and it.shape[1] % it.block == 0
             and all(s.scale is not None and s.block == it.block for s in srcs))
@@ -101,7 +101,7 @@ def run_item(it: Item, out: ShardFile, compiled: bool = False) -> dict:
             if not bool(torch.isfinite(amax).all()):
                 raise ChimeraError(f"tensor {it.name}: the mix produced NaN/Inf (non-finite values in a parent?)")
             out.write(it.name, q, rows[0] * q.shape[1])
-            out.write(scale_name, sc, rs[0] * sc.shape[1] * 4)
+            out.write(scale_name(it.name), sc, rs[0] * sc.shape[1] * 4)
             continue
         acc = None
         for p, lam in lams:
@@ -115,22 +115,16 @@ def run_item(it: Item, out: ShardFile, compiled: bool = False) -> dict:
             except FloatingPointError:
                 raise ChimeraError(f"tensor {it.name}: the mix produced NaN/Inf (non-finite values in a parent?)") from None
             out.write(it.name, q, at_row * q.shape[1])
-            out.write(scale_name, sc, (at_row // it.block) * sc.shape[1] * 4)
+            out.write(scale_name(it.name), sc, (at_row // it.block) * sc.shape[1] * 4)
         else:
             # one float32 sum is finite iff no element is NaN/Inf (20x cheaper than isfinite().all());
             # it could only overflow for weights near float32's limit, which bf16/f32 can't hold either
             if acc.is_floating_point() and not bool(torch.isfinite(acc.sum())):
                 raise ChimeraError(f"tensor {it.name}: the mix produced NaN/Inf (non-finite values in a parent?)")
-            t = acc.to(_torch_dtype(out_dtype.dtype))
+            t = acc.to(DTYPES[it.dtype][0])
             row_bytes = t[0].numel() * t.element_size() if t.dim() >= 2 else 0
             out.write(it.name, t, at_row * row_bytes)
     return rec
-
-
-def _torch_dtype(tag: str) -> torch.dtype:
-    from chimera.checkpoint.files import DTYPES
-
-    return DTYPES[tag][0]
 
 
 def run_job(job: ShardJob, out_dir: Path, on_bytes: Callable[[int], None] | None = None,
@@ -151,12 +145,21 @@ def run_job(job: ShardJob, out_dir: Path, on_bytes: Callable[[int], None] | None
     return records
 
 
+def count_ops(records: dict[str, dict]) -> dict[str, int]:
+    """How many tensors each operation (copy, cast, mix, base) produced."""
+    return dict(Counter(r["op"] for r in records.values()))
+
+
 @dataclass
 class MergeResult:
     out: Path
     shards: int
     written: int  # shards written in this run (the rest were finished before a --resume)
     records: dict[str, dict]
+
+    @property
+    def ops(self) -> dict[str, int]:
+        return count_ops(self.records)
 
 
 def _check_output(plan: Plan, out: Path, resume: bool, force: bool) -> Progress:
@@ -206,9 +209,13 @@ def run_merge(plan: Plan, out: str | os.PathLike, resume: bool = False, force: b
     """Execute every shard job (skipping finished ones on --resume), then finalize the directory.
 
     The compile choice is recorded in the progress file and reused by --resume, so a resumed merge
-    gives the same bytes as an uninterrupted one.
+    gives the same bytes as an uninterrupted one. The `.chimera/` state folder is removed once the
+    output is complete (`chimera_merge.json` then holds every tensor's record); `--resume` on a
+    complete output of the same plan does nothing.
     """
     out = Path(out)
+    if resume and (records := _finished(plan, out)) is not None:
+        return MergeResult(out.resolve(), len(plan.jobs), 0, records)
     progress = _check_output(plan, out, resume, force)
     compiled = progress.compiled if progress.compiled is not None else use_compile(plan, compile)
     progress.compiled = compiled
@@ -251,16 +258,22 @@ def finalize(plan: Plan, out: Path, records: dict[str, dict]) -> None:
         if (p.is_file() and p.name not in skip and not p.name.startswith(".")
                 and not p.name.endswith((".safetensors", ".bin", ".pt", ".pth", ".ckpt"))):
             shutil.copyfile(p, out / p.name)
-    card.write(plan, out, records)
+    card.write(plan, out, count_ops(records))
     if len(plan.jobs) > 1:
         write_index(out, {j.filename: j.slots() for j in plan.jobs})
     write_json_atomic(out / "config.json", plan.config)
     write_json_atomic(out / REPORT, {"plan_id": plan.plan_id, "recipe": plan.recipe.to_dict(),
-                                     "summary": _summary(records), "tensors": records})
+                                     "summary": {"tensors": len(records), "ops": count_ops(records)},
+                                     "tensors": records})
+    shutil.rmtree(out / STATE_DIR, ignore_errors=True)
 
 
-def _summary(records: dict[str, dict]) -> dict:
-    ops: dict[str, int] = {}
-    for r in records.values():
-        ops[r["op"]] = ops.get(r["op"], 0) + 1
-    return {"tensors": len(records), "ops": ops}
+def _finished(plan: Plan, out: Path) -> dict[str, dict] | None:
+    """The records of a complete output of this plan (report + every shard present), else None."""
+    try:
+        report = json.loads((out / REPORT).read_text())
+    except (OSError, ValueError):
+        return None
+    if report.get("plan_id") != plan.plan_id or not all((out / j.filename).is_file() for j in plan.jobs):
+        return None
+    return report["tensors"]
