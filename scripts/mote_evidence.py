@@ -107,13 +107,12 @@ class _Null:
 
 def forceable(model, ranked, k):
     """The first k experts of `ranked` that can be forced together (<= top_k per layer, <= topk_group groups)."""
-    layers = moe_layers(model)
     chosen = []
     for L, e in ranked:
         trial = chosen + [(L, e)]
         try:
             plan(model, on=trial)
-        except Exception:
+        except ChimeraError:
             continue
         chosen = trial
         if len(chosen) == k:

@@ -282,7 +282,6 @@ def test_harness_on_a_non_deepseek_model_without_chat_template(tmp_path):
 
 
 def test_generate_with_experts_switched_off(monkeypatch, capsys):
-    pytest.importorskip("chimera.moe.switch")
     from chimera import cli
 
     monkeypatch.setattr(sys, "argv", ["chimera", "generate", "tiny-r1", "What is 2 + 3 ?", "--off", "1:0,2:5",

@@ -15,7 +15,7 @@ from chimera.errors import ChimeraError
 from chimera.moe.capture import RoutingRecorder
 from chimera.moe.routers import moe_layers
 from chimera.moe.switch import OFF_BIAS, parse_experts, switched, tune_checkpoint
-from moe_tiny import ARCHS, tiny_config, tiny_model
+from moe_tiny import ARCHS, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -94,8 +94,7 @@ def test_cli_error_is_one_line(tmp_path):
 def zoo_recipe(tmp_path_factory):
     from chimera.zoo import family
 
-    if not {"tiny-v3", "tiny-r1"} <= set(family.available()):
-        pytest.skip("bundled tiny-v3 / tiny-r1 not built")
+    assert {"tiny-v3", "tiny-r1"} <= set(family.available()), "bundled tiny-v3 / tiny-r1 missing"
     d = tmp_path_factory.mktemp("sweep")
     rec = d / "recipe.yaml"
     rec.write_text(f"parents: {{v3: {family.model_path('tiny-v3')}, r1: {family.model_path('tiny-r1')}}}\n"

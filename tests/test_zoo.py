@@ -68,9 +68,8 @@ def test_family_budget_and_paths():
 
 
 def test_fp8_copies_when_built():
-    fp8 = [n for n in ("tiny-r1-fp8", "tiny-v3-fp8") if n in family.available()]
-    if not fp8:
-        pytest.skip("FP8 copies not built")
+    fp8 = ["tiny-r1-fp8", "tiny-v3-fp8"]
+    assert set(fp8) <= set(family.available()), "bundled FP8 copies missing"
     from safetensors import safe_open
 
     from chimera.eval import harness
