@@ -64,7 +64,7 @@ def diff_checkpoints(a: str | Path, b: str | Path, metric: str = "relative") -> 
         for rows_ in row_chunks(la[name].shape, ca.block_size()[0]):
             n.add(ca.read_float(name, rows_), cb.read_float(name, rows_))
         m = re.search(r"layers\.(\d+)\.", name)
-        rows.append({"tensor": name, "class": arch.classify(name, ca.config) if arch.supported(ca.model_type) else None,
+        rows.append({"tensor": name, "class": arch.classify(name, ca.config) if arch.supported(ca.config) else None,
                      "layer": int(m.group(1)) if m else -1, "distance": n.distance(metric)})
     return rows
 
