@@ -77,7 +77,8 @@ def tiny_config(arch: str):
                       num_position_embeddings=16)
         return tf.Qwen3_5MoeConfig(text_config=text, vision_config=vision)
     if arch == "gpt_oss":
-        return tf.GptOssConfig(**COMMON, head_dim=8, intermediate_size=16, num_hidden_layers=2, num_local_experts=8,
+        # intermediate 32: gpt-oss MXFP4 files need whole 32-element blocks
+        return tf.GptOssConfig(**COMMON, head_dim=8, intermediate_size=32, num_hidden_layers=2, num_local_experts=8,
                                num_experts_per_tok=2, sliding_window=8,
                                layer_types=["sliding_attention", "full_attention"])
     if arch == "llama4":
