@@ -205,3 +205,32 @@ def test_published_v4_names_and_no_remote_code(tmp_path):
     with pytest.raises(ChimeraError, match="never runs a checkpoint's own code"):
         arch_mod.of({"model_type": "acme_moe", "auto_map": {"AutoConfig": "x.Y"}, "architectures": ["AcmeForCausalLM"]})
     assert set(CLASSES) >= set().union(*EXPECTED.values()) | {"mtp"}
+
+
+def test_expert_and_router_tensors_for_pruning(parents):
+    """The API the pruning engine uses: per (layer, expert) its on-disk tensors, per layer its router tensors and
+    the axis that indexes experts."""
+    def api(arch, layer, e):
+        ck = Checkpoint(parents[arch][0])
+        a = arch_mod.of(ck.config)
+        names = list(ck.logical())
+        return ({(t.name, t.axis) for t in a.expert_tensors(names, layer, e)},
+                {(t.name, t.axis) for t in a.router_tensors(names, layer)})
+
+    ex, ro = api("deepseek_v3", 2, 13)
+    assert ex == {(f"model.layers.2.mlp.experts.13.{p}_proj.weight", None) for p in ("gate", "up", "down")}
+    assert ro == {("model.layers.2.mlp.gate.weight", 0), ("model.layers.2.mlp.gate.e_score_correction_bias", 0)}
+    ex, ro = api("gpt_oss", 1, 3)
+    assert ex == {(f"model.layers.1.mlp.experts.{p}", 0) for p in ("gate_up_proj", "gate_up_proj_bias", "down_proj",
+                                                                   "down_proj_bias")}
+    assert ro == {("model.layers.1.mlp.router.weight", 0), ("model.layers.1.mlp.router.bias", 0)}
+    _, ro = api("ernie4_5_moe", 1, 0)
+    assert ("model.layers.1.mlp.moe_statics.e_score_correction_bias", 1) in ro      # stored [1, E]
+    _, ro = api("deepseek_v4", 0, 0)
+    assert ("model.layers.0.ffn.gate.tid2eid", None) in ro                          # values are expert ids
+    ex, ro = api("minimax_m2", 0, 7)
+    assert ("model.layers.0.block_sparse_moe.experts.7.w2.weight", None) in ex and len(ex) == 3
+    assert ("model.layers.0.block_sparse_moe.e_score_correction_bias", 0) in ro
+    ex, _ = api("llama4", 1, 2)
+    assert ex == {("language_model.model.layers.1.feed_forward.experts.gate_up_proj", 0),
+                  ("language_model.model.layers.1.feed_forward.experts.down_proj", 0)}

@@ -65,6 +65,18 @@ class Role:
     memory: str | None = None     # the in-memory parameter it loads into (None for MTP-only tensors)
 
 
+@dataclass(frozen=True)
+class ExpertSlice:
+    name: str                     # logical on-disk tensor
+    axis: int | None              # None: the whole tensor belongs to the expert; 0: fused, the expert's index
+
+
+@dataclass(frozen=True)
+class RouterTensor:
+    name: str                     # logical on-disk tensor
+    axis: int | None              # the axis indexing experts; None: values are expert ids (a token table)
+
+
 @dataclass
 class MoEBlock:
     """One MoE layer of the in-memory model."""
@@ -88,6 +100,7 @@ class Arch:
     moe: dict[int, MoEBlock] = field(default_factory=dict)
     _classes: dict[str, str] = field(default_factory=dict, repr=False)      # in-memory tensor -> class
     _shapes: dict[str, tuple] = field(default_factory=dict, repr=False)
+    _state: dict = field(default_factory=dict, repr=False)                  # in-memory name -> meta tensor
     _rename: object = field(default=None, repr=False)                       # disk name -> in-memory name
     _cache: dict = field(default_factory=dict, repr=False)
     model: object = field(default=None, repr=False)    # the meta-device model (structure only, no weights)
@@ -146,9 +159,38 @@ class Arch:
                     return Role(cls, layer, None, fused, None)
         return Role("mtp", layer)
 
-    # ------------------------------------------------------------------ experts
+    # ------------------------------------------------------------------ experts (merge overrides, pruning)
     def num_experts(self, layer: int) -> int:
-        return self.moe[layer].num_experts
+        """Routed experts of an MoE layer (an MTP layer: those of the last MoE layer)."""
+        return self.moe[layer if layer in self.moe else max(self.moe)].num_experts
+
+    def expert_tensors(self, names, layer: int, expert: int) -> list[ExpertSlice]:
+        """The logical on-disk tensors holding routed expert `expert` of `layer`: per-expert tensors whole
+        (axis None), fused `[E, ...]` tensors at index `expert` of axis 0. Every stored part of a logical tensor
+        (`formats.group`) follows it: FP8 scales, MXFP4 blocks/scales and INT4 companions index experts alike."""
+        out = []
+        for n in names:
+            r = self.role(n)
+            if r is not None and r.cls == "routed_experts" and r.layer == layer and (r.fused or r.expert == expert):
+                out.append(ExpertSlice(n, 0 if r.fused else None))
+        return out
+
+    def router_tensors(self, names, layer: int) -> list[RouterTensor]:
+        """The router tensors of `layer` and the axis of each that indexes experts (None: the tensor's values
+        are expert ids, DeepSeek-V4's `tid2eid` token table)."""
+        out = []
+        E = self.num_experts(layer)
+        for n in names:
+            r = self.role(n)
+            if r is None or r.cls != "router" or r.layer != layer:
+                continue
+            t = self._state.get(r.memory) if r.memory else None
+            if t is not None and not t.is_floating_point():
+                out.append(RouterTensor(n, None))
+                continue
+            shape = self._shapes.get(r.memory) if r.memory else None
+            out.append(RouterTensor(n, shape.index(E) if shape and E in shape else 0))
+        return out
 
 
 def _words(obj: object, words: tuple[str, ...]) -> bool:
@@ -225,6 +267,7 @@ def _build(config: dict) -> Arch:
     arch = Arch(str(config.get("model_type")), cls.__name__, n_layers, layers_path, _rename=rename)
     arch.moe = moe_blocks(model, layers_path)
     arch.model = model
+    arch._state = state
     moe_paths = {b.path: b for b in arch.moe.values()}
 
     for name, t in state.items():
