@@ -13,7 +13,7 @@ checkpoint-conversion rules (the renames and expert fusions `from_pretrained` ap
                          own `[E]` tensors (MiniMax keeps its selection bias on the block)
     shared_experts       everything else in an MoE block (shared expert(s), `shared_expert_gate`)
     indexer              a module whose class name says Indexer (DeepSeek-V3.2/V4 sparse-attention indexer)
-    linear_attention     a linear-attention token mixer (Qwen3-Next / Qwen3.5 `linear_attn`, GatedDeltaNet)
+    linear_attention     a linear-time token mixer (Qwen3-Next / Qwen3.5 `linear_attn` GatedDeltaNet, Mamba)
     hyper_connection     DeepSeek-V4's manifold-constrained hyper-connections (`hc_*`)
     norm                 any normalization module (outside indexer and linear-attention blocks, which own theirs)
     attention            the attention token mixer (incl. sinks, q/k norms' siblings, compressors)
@@ -43,6 +43,7 @@ CLASSES = ("embed", "lm_head", "norm", "attention", "linear_attention", "indexer
 # The one vocabulary of module class-name words the classification relies on (first match wins, innermost
 # module first for norms; any ancestor for the block kinds).
 _BLOCK_WORDS = (("Indexer", "indexer"), ("GatedDeltaNet", "linear_attention"), ("LinearAttention", "linear_attention"),
+                ("Mamba", "linear_attention"),
                 ("HyperConnection", "hyper_connection"), ("HyperHead", "hyper_connection"))
 _NORM_WORDS = ("Norm",)
 _ATTENTION_WORDS = ("Attention", "Attn")
@@ -221,7 +222,10 @@ def _resolve_classes(config: dict):
                            f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     if lib_cls is not None and getattr(lib_cls, "config_class", None) is cfg_cls:
         return cfg, lib_cls
-    for auto in (transformers.AutoModelForCausalLM, transformers.AutoModelForImageTextToText):
+    autos = [transformers.AutoModelForCausalLM, transformers.AutoModelForImageTextToText]
+    if getattr(cfg, "vision_config", None) is not None:  # an image-text release: its files hold the vision tower
+        autos.reverse()
+    for auto in autos:
         try:
             return cfg, auto._model_mapping[type(cfg)]
         except KeyError:
