@@ -20,6 +20,7 @@ matching `pack_to_int32`. Unpacking reads the int32 words as little-endian bytes
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 GROUP = 32
@@ -45,15 +46,21 @@ def pack(q: torch.Tensor) -> torch.Tensor:
     return (u[..., 0] | (u[..., 1] << 4)).contiguous().view(torch.int32)
 
 
-def dequantize(packed: torch.Tensor, scale: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    """(weight_packed, weight_scale, weight_shape) -> float32 `[rows, cols]`; exact (q * s in float32)."""
+def dequantize_np(packed: np.ndarray, scale: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """numpy: (weight_packed int32, weight_scale as float32, weight_shape) -> float32 `[rows, cols]`; exact
+    (q * s in float32)."""
     rows, cols = int(shape[0]), int(shape[1])
     if packed.shape != (rows, -(-cols // PER_WORD)) or scale.shape != (rows, -(-cols // GROUP)):
         raise ValueError(f"weight_packed {tuple(packed.shape)} / weight_scale {tuple(scale.shape)} do not fit "
                          f"weight_shape {(rows, cols)}")
-    q = unpack(packed, cols).to(torch.float32)
-    s = scale.to(torch.float32).repeat_interleave(GROUP, dim=1)[:, :cols]
-    return q * s
+    u = np.ascontiguousarray(packed).view(np.uint8)                    # little-endian: low byte first
+    q = np.stack((u & 0x0F, u >> 4), axis=-1).reshape(rows, -1)[:, :cols].astype(np.float32) - 8
+    return q * np.repeat(np.asarray(scale, dtype=np.float32), GROUP, axis=1)[:, :cols]
+
+
+def dequantize(packed: torch.Tensor, scale: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """torch wrapper of `dequantize_np`."""
+    return torch.from_numpy(dequantize_np(packed.contiguous().numpy(), scale.to(torch.float32).numpy(), shape))
 
 
 def quantize(w: torch.Tensor, scale_dtype: torch.dtype = torch.bfloat16) -> tuple[torch.Tensor, torch.Tensor]:

@@ -26,6 +26,7 @@ rejected (FloatingPointError).
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 BLOCK = 32
@@ -34,6 +35,7 @@ FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2
 # boundaries between consecutive magnitudes, and whether a value exactly on one rounds up (to the even code)
 _BOUNDS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
 _TIE_UP = (False, True, False, True, False, True, False)
+_LUT = np.array(FP4_VALUES, dtype=np.float32)
 
 
 def unpack(packed: torch.Tensor) -> torch.Tensor:
@@ -48,19 +50,26 @@ def pack(codes: torch.Tensor) -> torch.Tensor:
     return (c[..., 0] | (c[..., 1] << 4)).contiguous()
 
 
-def dequantize(blocks: torch.Tensor, scales: torch.Tensor, n: int | None = None) -> torch.Tensor:
-    """Packed codes (`[..., G, 16]` or `[..., G*16]`) and E8M0 scales `[..., G]` -> float32 `[..., G*32]`
-    (trimmed to `n` columns). Exact: every value is an e2m1 number times a power of two."""
-    e = scales.view(torch.uint8) if scales.dtype != torch.uint8 else scales
-    if bool((e == 255).any()):
+def dequantize_np(blocks: np.ndarray, scales: np.ndarray, n: int | None = None) -> np.ndarray:
+    """numpy: packed codes (uint8/int8 `[..., G, 16]` or `[..., G*16]`) and E8M0 scale bytes `[..., G]` ->
+    float32 `[..., G*32]` (trimmed to `n` columns). Exact: every value is an e2m1 number times a power of two."""
+    e = np.asarray(scales).view(np.uint8)
+    if (e == 255).any():
         raise ValueError("E8M0 scale 255 (NaN)")
-    codes = unpack(blocks.reshape(*e.shape, -1))                     # [..., G, 32]
-    if codes.shape[-1] != BLOCK:
-        raise ValueError(f"{tuple(blocks.shape)} codes do not fit {tuple(e.shape)} scales of {BLOCK}-element blocks")
-    lut = torch.tensor(FP4_VALUES, dtype=torch.float32)
-    w = torch.ldexp(lut[codes.long()], (e.to(torch.int32) - 127).unsqueeze(-1).to(torch.float32))  # [..., G, 32]
+    b = np.asarray(blocks).view(np.uint8)
+    if b.size != e.size * BLOCK // 2:
+        raise ValueError(f"{tuple(b.shape)} codes do not fit {tuple(e.shape)} scales of {BLOCK}-element blocks")
+    b = b.reshape(*e.shape, BLOCK // 2)
+    codes = np.stack((b & 0x0F, b >> 4), axis=-1).reshape(*e.shape, BLOCK)       # [..., G, 32]
+    w = np.ldexp(_LUT[codes], (e.astype(np.int32) - 127)[..., None])              # float32, exact
     w = w.reshape(*e.shape[:-1], -1)
     return w if n is None else w[..., :n]
+
+
+def dequantize(blocks: torch.Tensor, scales: torch.Tensor, n: int | None = None) -> torch.Tensor:
+    """torch wrapper of `dequantize_np` (any uint8/int8/float8_e8m0 storage of the same bytes)."""
+    as_np = lambda t: t.contiguous().view(torch.uint8).numpy()  # noqa: E731
+    return torch.from_numpy(np.ascontiguousarray(dequantize_np(as_np(blocks), as_np(scales), n)))
 
 
 def quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
