@@ -1,6 +1,8 @@
-"""The per-chunk arithmetic of a merge: W = sum_i lambda_i * W_i, then re-encode.
+"""The per-chunk arithmetic of a merge: W = sum_i lambda_i * W_i, then encode in the output's format.
 
-Generic path (any dtypes, any shape): dequantize each parent's rows to float32, accumulate, encode.
+Generic path (any dtypes, any shape): each parent's rows as float32 (dequantized by
+`chimera.checkpoint.decode`), `weighted_sum`, then `encode` (cast, or FP8 block re-quantization).
+A new output format adds its encoder to `encode`.
 Fast path (every parent FP8, rows and columns whole 128-blocks, FP8 output) fuses the block math so
 each element is touched a few times in cache-sized chunks:
 
@@ -15,9 +17,55 @@ from __future__ import annotations
 
 import threading
 
+import numpy as np
 import torch
 
+from chimera.checkpoint import fp8
+from chimera.checkpoint.files import torch_dtype
 from chimera.checkpoint.fp8 import FP8, FP8_MAX
+from chimera.checkpoint.formats import scale_name
+from chimera.errors import ChimeraError
+
+
+def weighted_sum(xs: list[torch.Tensor], lams: list[float]) -> torch.Tensor:
+    """sum_i lambda_i * x_i in float32 (the first x is scaled in place: pass fresh tensors)."""
+    acc = None
+    for x, lam in zip(xs, lams):
+        acc = (x if lam == 1.0 else x.mul_(lam)) if acc is None else acc.add_(x, alpha=lam)
+    return acc
+
+
+def non_finite(name: str) -> ChimeraError:
+    return ChimeraError(f"tensor {name}: the mix produced NaN/Inf (non-finite values in a parent?)")
+
+
+def encode(acc: torch.Tensor, it, rows: tuple[int, int] | None) -> list[tuple[str, np.ndarray, int]]:
+    """float32 rows [r, ...] of output tensor `it` -> (slot name, bytes, byte offset in the slot) to write."""
+    r0 = rows[0] if rows else 0
+    if it.fp8_out:
+        try:
+            q, s = fp8.quantize(acc, it.block, it.ue8m0)    # [r, N] e4m3, [r/B, Nb] f32
+        except FloatingPointError:
+            raise non_finite(it.name) from None
+        return [(it.name, _bytes(q), r0 * q.shape[1]),
+                (scale_name(it.name), _bytes(s), (r0 // it.block) * s.shape[1] * 4)]
+    # one float32 sum is finite iff no element is NaN/Inf (20x cheaper than isfinite().all());
+    # it could only overflow for weights near float32's limit, which bf16/f32 can't hold either
+    if acc.is_floating_point() and not bool(torch.isfinite(acc.sum())):
+        raise non_finite(it.name)
+    t = acc.to(torch_dtype(it.dtype))
+    row_bytes = t[0].numel() * t.element_size() if t.dim() >= 2 else 0
+    return [(it.name, _bytes(t), r0 * row_bytes)]
+
+
+def _bytes(t: torch.Tensor) -> np.ndarray:
+    return t.contiguous().view(torch.uint8).reshape(-1).numpy()
+
+
+def fused_applies(it, srcs) -> bool:
+    """The fused block kernel needs FP8 in and out, the output's block size, whole column blocks."""
+    return (it.fp8_out and len(it.shape) == 2 and it.shape[1] % it.block == 0
+            and all(s.scale is not None and s.block == it.block for s in srcs))
 
 
 def mix_fp8_blocks(qs: list[torch.Tensor], ss: list[torch.Tensor], lams: torch.Tensor, ue8m0: bool = False,
