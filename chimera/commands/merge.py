@@ -45,14 +45,14 @@ def plan(recipe: Path = typer.Argument(..., help="recipe YAML (chimera schema or
     out.print(t)
     s = rep["summary"]
     free = free_bytes(out_dir or Path.cwd())
-    out.print(f"{s['tensors']} tensors in {s['shards']} shard(s); operations: {s['ops']}")
+    out.print(f"{s['tensors']} tensors in {s['shards']} shard(s)")
     if "copy_bytes" in s:
-        out.print(f"writes {_gb(s['file_bytes'])}: {_gb(s['copy_bytes'])} copied, {_gb(s['computed_bytes'])} computed; "
-                  f"reads up to {_gb(s['parent_bytes'])} of parents")
+        out.print(f"writes {_gb(s['file_bytes'])}: {_gb(s['copy_bytes'])} copied, {_gb(s['computed_bytes'])} computed")
+        out.print(f"reads up to {_gb(s['parent_bytes'])} of parents")
     else:
         out.print(f"writes {_gb(s['file_bytes'])}; reads up to {_gb(s['parent_bytes'])} of parents")
     fits = "fits" if s["file_bytes"] < free else "does NOT fit"
-    out.print(f"free space on the output's filesystem ({out_dir or 'current directory'}): {_gb(free)}; the merge {fits}")
+    out.print(f"free space at {out_dir or 'the current directory'}: {_gb(free)} (the output {fits})")
     for key, vals in rep["config_from_base"].items():
         out.print(f"config {key} differs ({', '.join(f'{k}={v}' for k, v in vals.items())}): the child has the base's")
     if "threshold" in rep:
