@@ -76,25 +76,34 @@ class TensorInfo:
                 (rows[1] - rows[0], *self.shape[1:]))
 
 
-def _describe(path: Path, size: int) -> str:
-    """'truncated' if the header's own length or offsets reach past the end of the file, else 'corrupt'."""
+def _describe(path: Path, size: int) -> tuple[str, str]:
+    """After the library refused a file: 'truncated' if its header's own length or offsets reach past
+    the end of the file, else 'corrupt'; plus the first tensor whose byte length does not match its
+    shape, when that is the problem (the library's message does not name it)."""
     try:
         with open(path, "rb") as f:
             raw = f.read(8)
             if len(raw) < 8:
-                return "truncated"
+                return "truncated", ""
             n = int.from_bytes(raw, "little")
             if n > MAX_HEADER:
-                return "corrupt"
+                return "corrupt", ""
             if 8 + n > size:
-                return "truncated"
+                return "truncated", ""
             header = json.loads(f.read(n))
-        ends = [h["data_offsets"][1] for k, h in header.items() if k != "__metadata__"]
-        if ends and 8 + n + max(ends) > size:
-            return "truncated"
+        entries = {k: h for k, h in header.items() if k != "__metadata__"}
+        if entries and 8 + n + max(h["data_offsets"][1] for h in entries.values()) > size:
+            return "truncated", ""
+        for k, h in entries.items():
+            numel = 1
+            for d in h["shape"]:
+                numel *= d
+            a, b = h["data_offsets"]
+            if h["dtype"] in ITEMSIZE and b - a != numel * ITEMSIZE[h["dtype"]]:
+                return "corrupt", f"tensor {k}: {b - a} bytes for shape {h['shape']} of {h['dtype']}; "
     except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError):
         pass
-    return "corrupt"
+    return "corrupt", ""
 
 
 def read_header(path: Path) -> dict[str, TensorInfo]:
@@ -115,7 +124,8 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
             header = json.loads(f.read(n))
     except SafetensorError as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ChimeraError(f"{path}: {_describe(path, size)} safetensors file ({reason})") from None
+        kind, detail = _describe(path, size)
+        raise ChimeraError(f"{path}: {kind} safetensors file ({detail}{reason})") from None
     except OSError as e:
         raise ChimeraError(f"{path}: cannot read ({e.strerror or e})") from None
     except ValueError as e:  # the library accepted what json cannot parse: never seen, still one line
