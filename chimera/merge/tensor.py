@@ -3,7 +3,8 @@
     threshold?  d = max_i d(P_i, B) over the whole tensor first; d < delta -> the base's version
     copy        the selected parent's stored bytes, chunk by chunk (kernel copy; FP8 scale too)
     cast, mix   per chunk: read rows as float32, acc = sum_i lambda_i * x_i, encode, write
-                (FP8 in and out with whole 128-column blocks: the fused block kernel instead)
+                (FP8 in and out with whole 128-column blocks: the fused block kernel instead, whatever the
+                chunking, so the chunk size never changes the bytes)
 
 The record's distance (to the base, every non-base parent, the plan's metric) is measured from the
 same chunks as the data pass reads. Memory: a few row chunks, never a tensor. A copy imports no torch.
@@ -55,7 +56,7 @@ def _copy_rows(out: ShardFile, name: str, info: TensorInfo, rows: tuple[int, int
 
 
 def _compute(it: Item, out: ShardFile, lams, chunks, measure: ToBase | None, compiled: bool) -> str:
-    """cast / mix, chunk by chunk; returns the kernel used ('fused-fp8', 'generic' or both)."""
+    """cast / mix, chunk by chunk; returns the kernel used ('fused-fp8' or 'generic')."""
     import torch
 
     from chimera.checkpoint.decode import read_array
@@ -69,22 +70,20 @@ def _compute(it: Item, out: ShardFile, lams, chunks, measure: ToBase | None, com
         kernel = mix.compiled_mix_fp8_blocks() if compiled else mix.mix_fp8_blocks
         lam_t = torch.tensor(lam_list, dtype=torch.float32)
         full = chunks[0][1] - chunks[0][0]
-    used = []
     for rows in chunks:
-        if fused and (rows[1] - rows[0]) % it.block == 0:
+        if fused:
             if measure:
                 measure.add(rows)
             # compiled kernels are specialized per shape: the tail chunk runs eager
             k = kernel if rows[1] - rows[0] == full else mix.mix_fp8_blocks
-            rs = (rows[0] // it.block, rows[1] // it.block)
+            rs = (rows[0] // it.block, -(-rows[1] // it.block))
             qs = [read_tensor(s.weight, rows) for s in srcs]                   # [r, N] e4m3
             ss = [read_tensor(s.scale, rs) for s in srcs]                      # [r/B, N/B] f32
             q, sc, amax = k(qs, ss, lam_t, it.ue8m0, it.block)
             if not bool(torch.isfinite(amax).all()):
                 raise mix.non_finite(it.name)
-            parts = [(it.name, mix._bytes(q), rows[0] * q.shape[1]),
-                     (scale_name(it.name), mix._bytes(sc), rs[0] * sc.shape[1] * 4)]
-            kind = "fused-fp8"
+            parts = [(it.name, mix.as_bytes(q), rows[0] * q.shape[1]),
+                     (scale_name(it.name), mix.as_bytes(sc), rs[0] * sc.shape[1] * 4)]
         else:
             need = {p for p, _ in lams} | ({s.parent for s in it.sources} if measure else set())
             arrays = {p: read_array(it.source(p).stored, rows) for p in sorted(need)}
@@ -92,9 +91,6 @@ def _compute(it: Item, out: ShardFile, lams, chunks, measure: ToBase | None, com
                 measure.add(rows, arrays)                # before the sum scales the arrays in place
             acc = mix.weighted_sum([torch.from_numpy(arrays[p]) for p, _ in lams], lam_list)
             parts = mix.encode(acc, it, rows)
-            kind = "generic"
         for name, data, at in parts:
             out.write(name, data, at)
-        if kind not in used:
-            used.append(kind)
-    return "+".join(used)
+    return "fused-fp8" if fused else "generic"
