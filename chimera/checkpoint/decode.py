@@ -61,6 +61,11 @@ def read_array(s: Stored, rows: tuple[int, int] | None = None) -> np.ndarray:
     r0, r1 = rows if rows is not None else (0, shape[0])
     sbuf, sshape = read_bytes(s.scale, (r0 // b, -(-r1 // b)))
     sc = np.frombuffer(sbuf, np.float32).reshape(sshape)                   # [rb, Nb]
-    full = np.repeat(np.repeat(sc, b, axis=0)[: r1 - r0], b, axis=1)[:, : shape[1]]  # [r, N]
-    x *= full
+    cols = np.repeat(sc, b, axis=1)[:, : shape[1]]                         # [rb, N]: 1/B of x
+    whole = (r1 - r0) // b
+    if whole:
+        view = x[: whole * b].reshape(whole, b, shape[1])                  # [wb, B, N]
+        view *= cols[:whole, None, :]
+    if (r1 - r0) % b:
+        x[whole * b:] *= cols[whole]
     return x

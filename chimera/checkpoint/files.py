@@ -234,17 +234,19 @@ class Checkpoint:
         index = self.path / INDEX
         weight_map = self._index
         if weight_map is not None:
-            files: list[Path] = []
+            files: dict[str, Path] = {}
             for tensor, fname in weight_map.items():
+                if fname in files:
+                    continue
                 rel = Path(fname)
                 if rel.is_absolute() or ".." in rel.parts or not rel.parts:
                     raise ChimeraError(f"{index}: tensor {tensor} points to {fname}, outside the model directory")
                 p = self.path / rel
-                if p not in files:
-                    if not p.is_file():
-                        raise ChimeraError(f"{index}: tensor {tensor} points to missing file {fname}")
-                    files.append(self._check_inside(p, index))
-            return files
+                if not p.is_file():
+                    raise ChimeraError(f"{index}: tensor {tensor} points to missing file {fname}")
+                files[fname] = self._check_inside(p, index)
+            self._by_name = files
+            return list(files.values())
         single = sorted(self.path.glob("*.safetensors"))
         if not single:
             bins = list(self.path.glob("*.bin")) + list(self.path.glob("*.pt"))
@@ -266,7 +268,7 @@ class Checkpoint:
             for name, fname in wm.items():
                 if name not in out:
                     raise ChimeraError(f"{self.path / INDEX}: tensor {name} is not in {fname}")
-                if out[name].file != self.path / fname:
+                if out[name].file is not self._by_name[fname]:
                     raise ChimeraError(f"{self.path / INDEX}: tensor {name} is in {out[name].file.name}, not {fname}")
         return out
 

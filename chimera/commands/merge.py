@@ -88,7 +88,9 @@ def merge(recipe: Path = typer.Argument(..., help="recipe YAML"),
           resume: bool = typer.Option(False, "--resume", help="finish an interrupted merge into OUT"),
           force: bool = typer.Option(False, "--force", help="overwrite a non-empty OUT"),
           workers: int = typer.Option(2, "--workers", "-j", help="shard jobs run in parallel"),
-          compile: str = typer.Option("auto", "--compile", help="fused FP8 kernel under torch.compile: auto | on | off")) -> None:
+          compile: str = typer.Option("auto", "--compile", help="fused FP8 kernel under torch.compile: auto | on | off"),
+          distances: bool = typer.Option(True, "--distances/--no-distances",
+                                         help="record every tensor's distance to the base (--no-distances: copies run at disk speed)")) -> None:
     """Build the child checkpoint described by RECIPE."""
     from chimera.merge.execute import run_merge
     from chimera.merge.plan import build_plan
@@ -99,7 +101,7 @@ def merge(recipe: Path = typer.Argument(..., help="recipe YAML"),
     with _bar() as bar:
         task = bar.add_task("merge", total=sum(j.nbytes for j in p.jobs))
         res = run_merge(p, out, resume=resume, force=force, workers=workers,
-                        on_bytes=lambda n: bar.advance(task, n), compile=compile)
+                        on_bytes=lambda n: bar.advance(task, n), compile=compile, distances=distances)
     dt = time.perf_counter() - t0
     Console().print(f"wrote {res.out} ({res.written} of {res.shards} shard(s) this run) in {dt:.1f}s; "
                     f"operations: {res.ops}")

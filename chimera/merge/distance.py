@@ -42,16 +42,20 @@ class Norms:
     b2: float = 0.0
     numel: int = 0
 
-    def add(self, a, b) -> None:
-        """Add one chunk (numpy arrays, or anything `np.asarray` takes, e.g. CPU torch tensors)."""
+    def add(self, a, b, b2: float | None = None) -> None:
+        """Add one chunk (numpy arrays, or anything `np.asarray` takes, e.g. CPU torch tensors).
+
+        Everything in float64, over 64K pieces with numpy's own loops (no BLAS threads: those thrash
+        on a busy machine). `b2`: the chunk's ||B||^2 when the caller already has it (the base is
+        shared by every parent).
+        """
         a, b = np.asarray(a).reshape(-1), np.asarray(b).reshape(-1)
-        step = 1 << 20  # float64 temporaries of 8 MB each
+        step = 1 << 16
         for i in range(0, a.size, step):
-            a64, b64 = a[i:i + step].astype(np.float64), b[i:i + step].astype(np.float64)
-            d = a64 - b64
-            self.diff2 += float(np.dot(d, d))
-            self.a2 += float(np.dot(a64, a64))
-            self.b2 += float(np.dot(b64, b64))
+            d = a[i:i + step].astype(np.float64) - b[i:i + step]
+            self.diff2 += float(np.einsum("i,i->", d, d))
+            self.a2 += sum_squares(a[i:i + step])
+        self.b2 += sum_squares(b) if b2 is None else b2
         self.numel += a.size
 
     def distance(self, metric: str) -> float:
@@ -69,6 +73,16 @@ class Norms:
         if math.isnan(diff):
             return math.inf
         return diff / den
+
+
+def sum_squares(x) -> float:
+    """sum(x^2) in float64 (see `Norms.add`)."""
+    x = np.asarray(x).reshape(-1)
+    total = 0.0
+    for i in range(0, x.size, 1 << 16):
+        p = x[i:i + (1 << 16)].astype(np.float64)
+        total += float(np.einsum("i,i->", p, p))
+    return total
 
 
 def distance(a, b, metric: str = "relative") -> float:
@@ -92,9 +106,10 @@ class ToBase:
         b = arrays.get(it.base)
         if b is None:
             b = read_array(it.source(it.base).stored, rows)
+        b2 = sum_squares(b)
         for p, n in self.norms.items():
             a = arrays.get(p)
-            n.add(a if a is not None else read_array(it.source(p).stored, rows), b)
+            n.add(a if a is not None else read_array(it.source(p).stored, rows), b, b2)
 
     def value(self, metric: str | None = None) -> float:
         metric = metric or self.item.metric

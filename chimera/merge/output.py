@@ -188,7 +188,8 @@ class Output:
         try:
             for p in plan.side_files:
                 shutil.copyfile(p, out / p.name)  # follows symlinks: the output holds plain files
-            card.write(plan, out, ops)
+            multi = len(plan.recipe.parents) > 1
+            card.write(plan, out, ops, distances=not multi or all("distance" in r for r in records.values()))
         except OSError as e:
             raise write_failed(Path(e.filename or out), e) from None
         if len(plan.jobs) > 1:
