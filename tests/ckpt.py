@@ -199,3 +199,19 @@ def rewrite_header(path: Path, edit) -> None:
     new = json.dumps(header).encode()
     new += b" " * (-len(new) % 8)
     path.write_bytes(len(new).to_bytes(8, "little") + new + raw[8 + n:])
+
+
+def recipe(tmp: Path, d: dict, name: str = "recipe.yaml") -> Path:
+    """Write a recipe mapping as YAML into `tmp`."""
+    import yaml
+
+    p = tmp / name
+    p.write_text(yaml.safe_dump(d, sort_keys=False))
+    return p
+
+
+def sha_dir(path: Path) -> dict[str, str]:
+    """sha256 of every file directly in `path`, by name."""
+    import hashlib
+
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.iterdir()) if p.is_file()}

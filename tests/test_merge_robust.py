@@ -1,6 +1,5 @@
 """The merge engine on real machines and other people's files: selections that stay copies under a
 threshold, what `plan` shows, distances in the record, full disks, two writers, the hot paths."""
-import hashlib
 import json
 import math
 import os
@@ -14,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 
 import ckpt
+from ckpt import recipe, sha_dir
 from chimera.checkpoint.arch import classify
 from chimera.merge import build_plan, merge
 from chimera.merge.execute import run_merge
@@ -24,16 +23,6 @@ from chimera.merge.recipe import load
 from chimera.merge.report import plan_report
 
 SCALE = ".weight_scale_inv"
-
-
-def recipe(tmp: Path, d: dict, name: str = "recipe.yaml") -> Path:
-    p = tmp / name
-    p.write_text(yaml.safe_dump(d, sort_keys=False))
-    return p
-
-
-def sha_dir(path: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.iterdir()) if p.is_file()}
 
 
 def tensors(path: Path) -> dict[str, torch.Tensor]:
