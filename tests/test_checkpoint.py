@@ -13,7 +13,7 @@ import torch
 import yaml
 
 import ckpt
-from chimera.checkpoint.decode import fp8_table, read_array
+from chimera.checkpoint.decode import fp8_table, read_array, to_float32
 from chimera.checkpoint.files import Checkpoint
 from chimera.errors import ChimeraError
 from chimera.merge import merge
@@ -78,8 +78,9 @@ def test_index_entries_must_be_relative_names(ds_pair, tmp_path, entry):
 @pytest.mark.parametrize("tag,dtype", [("F8_E4M3", torch.float8_e4m3fn), ("F8_E5M2", torch.float8_e5m2)])
 def test_fp8_table_is_every_code_of_torch(tag, dtype):
     ref = torch.arange(256, dtype=torch.uint8).view(dtype).float().numpy()
-    got = fp8_table(tag)
-    assert np.array_equal(np.isnan(got), np.isnan(ref)) and np.array_equal(got[~np.isnan(ref)], ref[~np.isnan(ref)])
+    for got in (fp8_table(tag), to_float32(bytearray(range(256)), tag, (256,)),           # code pairs
+                np.concatenate([to_float32(bytearray(range(255)), tag, (255,)), ref[255:]])):  # odd length
+        assert np.array_equal(np.isnan(got), np.isnan(ref)) and np.array_equal(got[~np.isnan(ref)], ref[~np.isnan(ref)])
 
 
 def test_numpy_decode_is_bitwise_the_float64_reference(ds_pair):
