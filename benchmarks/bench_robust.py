@@ -106,8 +106,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--src", type=Path, default=None)
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--label", default=None, help="name of this run in the results file")
     args = ap.parse_args()
-    label = str(args.src) if args.src else "this tree"
+    label = args.label or (str(args.src) if args.src else "this tree")
     many_shard_parent(DATA / "many-a")
     many_shard_parent(DATA / "many-b")
     if not (DATA / "mid-a" / "config.json").exists():
@@ -150,6 +151,11 @@ def main() -> None:
         rows.append({"case": name, "s": timed([*py, str(script), str(r), str(out), *extra], args.repeat, clean)})
         print(json.dumps(rows[-1]), flush=True)
     clean()
+    sys.path.insert(0, str(ROOT))
+    from bench_merge import floor
+
+    rows.append({"case": "floor: cat both mid parents + copy one", "s": round(min(
+        floor(DATA / "mid-a", DATA / "mid-b", tmp) for _ in range(args.repeat)), 2)})
     res = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     res["machine"] = {"cpus": __import__("os").cpu_count(), "python": platform.python_version()}
     res[label] = rows
