@@ -36,7 +36,7 @@ def test_convert_roundtrip(tmp_path):
         else:
             assert torch.equal(t, r), n
     # back to bf16: exact dequantization, then one bf16 rounding; config loses quantization_config
-    from chimera.checkpoint.convert import convert
+    from chimera.merge.convert import convert
 
     convert(tmp_path / "fp8", tmp_path / "back", "bfloat16")
     cfg2 = json.loads((tmp_path / "back" / "config.json").read_text())

@@ -253,18 +253,17 @@ def run_merge(plan: Plan, out: str | os.PathLike, resume: bool = False, force: b
 def finalize(plan: Plan, out: Path, records: dict[str, dict]) -> None:
     """Side files from the base, model card, recipe, index; config.json and the report last."""
     base = plan.recipe.parents[plan.recipe.base]
-    skip = {"config.json", INDEX, "README.md", REPORT, "chimera_recipe.yaml"}
+    skip = {"config.json", INDEX, "README.md", REPORT, "chimera_recipe.yaml", "zoo.json"}  # zoo.json: a zoo model's identity
     for p in sorted(Path(base).iterdir()):
         if (p.is_file() and p.name not in skip and not p.name.startswith(".")
                 and not p.name.endswith((".safetensors", ".bin", ".pt", ".pth", ".ckpt"))):
             shutil.copyfile(p, out / p.name)
-    card.write(plan, out, count_ops(records))
+    ops = count_ops(records)
+    card.write(plan, out, ops)
     if len(plan.jobs) > 1:
         write_index(out, {j.filename: j.slots() for j in plan.jobs})
     write_json_atomic(out / "config.json", plan.config)
-    write_json_atomic(out / REPORT, {"plan_id": plan.plan_id, "recipe": plan.recipe.to_dict(),
-                                     "summary": {"tensors": len(records), "ops": count_ops(records)},
-                                     "tensors": records})
+    write_json_atomic(out / REPORT, card.record(plan, records, ops))
     shutil.rmtree(out / STATE_DIR, ignore_errors=True)
 
 
