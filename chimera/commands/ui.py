@@ -1,0 +1,128 @@
+"""Terminal output shared by the commands.
+
+Progress (bars, spinners) goes to stderr and only when stderr is a terminal, so `chimera eval ... > f`
+or `| head` get the results alone. Results go to stdout; tables are built to stay readable at 80
+columns (`COLUMNS=80`). Checks of arguments that need no model live here too, so every command can
+fail on them before it loads anything.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import cache
+from pathlib import Path
+
+from chimera.errors import ChimeraError
+
+
+@cache
+def err():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+@cache
+def out():
+    from rich.console import Console
+
+    return Console()
+
+
+def warn(message: str) -> None:
+    """A one-line `warning: ...` on stderr (always shown, terminal or not)."""
+    import sys
+
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def table(title: str | None, columns: list[str], right: tuple[str, ...] = ()):
+    """A rich Table that wraps cells rather than clipping them when the terminal is narrow."""
+    from rich.table import Table
+
+    t = Table(title=title, title_justify="left")
+    for c in columns:
+        t.add_column(c, justify="right" if c in right else "left", overflow="fold")
+    return t
+
+
+@contextmanager
+def progress(nbytes: bool = False) -> Iterator:
+    """A rich Progress on stderr (disabled unless stderr is a terminal); transient."""
+    from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, SpinnerColumn,
+                               TextColumn, TimeElapsedColumn, TimeRemainingColumn, TransferSpeedColumn)
+
+    cols = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(bar_width=24)]
+    cols += [DownloadColumn(), TransferSpeedColumn()] if nbytes else [MofNCompleteColumn()]
+    cols += [TimeElapsedColumn(), TimeRemainingColumn()]
+    with Progress(*cols, console=err(), transient=True, disable=not err().is_terminal) as p:
+        yield p
+
+
+@contextmanager
+def task(description: str, total: int | None = None, nbytes: bool = False) -> Iterator[Callable[[int], None]]:
+    """One progress bar; yields `advance(n)`."""
+    with progress(nbytes) as p:
+        t = p.add_task(description, total=total)
+        yield lambda n=1: p.advance(t, n)
+
+
+@contextmanager
+def status(message: str) -> Iterator[None]:
+    """A spinner with elapsed time on stderr while something without a count runs (loading a model)."""
+    with progress() as p:
+        p.add_task(message, total=None)
+        yield
+
+
+# --------------------------------------------------------------------------- argument checks (no model needed)
+
+def output_file(path: Path | None, flag: str) -> Path | None:
+    """An output file the command will write: not a directory, and its folder exists or can be made there."""
+    if path is None:
+        return None
+    if path.is_dir():
+        raise ChimeraError(f"{flag} {path}: is a directory (give a file name)")
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ChimeraError(f"{flag} {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ChimeraError(f"{flag} {path}: {parent} is not writable")
+    return path
+
+
+def output_dir(path: Path, flag: str = "-o") -> Path:
+    """An output directory the command will create or fill: not a file, under a writable folder."""
+    if path.exists() and not path.is_dir():
+        raise ChimeraError(f"{flag} {path}: exists and is a file, not a directory")
+    parent = path.absolute()
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ChimeraError(f"{flag} {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ChimeraError(f"{flag} {path}: {parent} is not writable")
+    return path
+
+
+def positive(value: int | None, flag: str) -> None:
+    if value is not None and value < 1:
+        raise ChimeraError(f"{flag} must be at least 1, got {value}")
+
+
+def one_of(value: str, choices: tuple[str, ...], flag: str) -> str:
+    if value not in choices:
+        raise ChimeraError(f"{flag} must be {' | '.join(choices)}, got {value!r}")
+    return value
+
+
+def experts(off: str | None, on: str | None, mode: str) -> tuple[list, list]:
+    """Parse --off/--on/--mode before any model loads: syntax, @ftri.json files and their length, the mode.
+    (Which layers are MoE layers is checked against the loaded model.)"""
+    from chimera.moe.experts import MODES, parse_experts
+
+    one_of(mode, MODES, "--mode")
+    return (parse_experts(off) if off else []), (parse_experts(on) if on else [])
