@@ -19,8 +19,12 @@ import yaml
 from chimera.merge.plan import Plan
 from chimera.resolve import model_name
 
-DTYPE_WORDS = {"bfloat16": "bfloat16", "float32": "float32", "float8": "DeepSeek block FP8 (e4m3, 128x128 scales)",
-               "keep": "the source's dtypes"}
+DTYPE_WORDS = {"bfloat16": "bfloat16", "float32": "float32", "float8": "block FP8", "keep": "the source's dtypes"}
+HOW = {"float8": "attention, MLP and expert projections quantized to DeepSeek block FP8 (e4m3, one float32 scale "
+                 "per 128x128 block, `weight_scale_inv`); embeddings, lm_head, norms and routers keep their dtype",
+       "bfloat16": "every tensor stored as bfloat16; FP8 weights dequantized exactly first "
+                   "(`W = q * s[i//128, j//128]`)",
+       "float32": "every tensor stored as float32; FP8 weights dequantized exactly (`W = q * s[i//128, j//128]`)"}
 
 
 def _front(meta: dict) -> list[str]:
@@ -65,7 +69,7 @@ def conversions_section(conversions: list[dict]) -> list[str]:
             f"{', '.join(f'{n} {op}' for op, n in (c.get('ops') or {}).items())} |"
             for i, c in enumerate(conversions)]
     return ["## Conversions", "",
-            "Converted by `chimera convert` after the record above; each step's plan is in "
+            "Converted by `chimera convert`, in this order; each step's plan id and operations are in "
             "`chimera_merge.json` (`conversions`).", "",
             "| step | from | to | tensors |", "| --- | --- | --- | --- |", *rows, ""]
 
@@ -106,10 +110,8 @@ def conversion_card(plan: Plan, conversions: list[dict], prior_card: str | None)
             "library_name": "transformers", "tags": ["chimera", "moe", plan.arch] + (["fp8"] if fp8 else [])}
     return "\n".join([
         *_front(meta),
-        f"# {source}, converted by chimera", "",
-        f"`{source}` (architecture `{plan.arch}`) with every tensor converted to "
-        f"{DTYPE_WORDS.get(plan.recipe.dtype, plan.recipe.dtype)} by `chimera convert`: FP8 weights are "
-        "dequantized exactly (`W = q * s[i//128, j//128]`) and, for float8, re-quantized per 128x128 block.", "",
+        f"# {source} ({DTYPE_WORDS.get(plan.recipe.dtype, plan.recipe.dtype)})", "",
+        f"`{source}` (architecture `{plan.arch}`) converted by chimera: {HOW.get(plan.recipe.dtype, '')}.", "",
         *conversions_section(conversions),
     ])
 
