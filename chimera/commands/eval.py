@@ -105,9 +105,8 @@ def register(app: typer.Typer) -> None:
                                       progress=lambda s, done, total: bar.update(tasks[s], completed=done))
         print_report(report, f"chimera eval {model}")
         if json_out:
-            json_out.parent.mkdir(parents=True, exist_ok=True)
-            json_out.write_text(json.dumps({"model": model, "endpoint": endpoint, "off": off, "on": on,
-                                            "mode": mode, "suites": report}, indent=2, ensure_ascii=False) + "\n")
+            ui.write_text(json_out, json.dumps({"model": model, "endpoint": endpoint, "off": off, "on": on,
+                                                "mode": mode, "suites": report}, indent=2, ensure_ascii=False) + "\n")
 
     @app.command("generate")
     def generate_cmd(

@@ -47,8 +47,7 @@ def plan(recipe: Path = typer.Argument(..., help="recipe YAML (chimera schema or
     if json_out:
         import json
 
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(rep, indent=2, default=str))
+        ui.write_text(json_out, json.dumps(rep, indent=2, default=str))
 
 
 def merge(recipe: Path = typer.Argument(..., help="recipe YAML"),

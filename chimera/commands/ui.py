@@ -108,6 +108,15 @@ def output_dir(path: Path, flag: str = "-o") -> Path:
     return path
 
 
+def write_text(path: Path, text: str) -> None:
+    """Write a result file (making its folder); a failure (a full disk, ...) is one line naming the file."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    except OSError as e:
+        raise ChimeraError(f"{path}: cannot write ({e.strerror or e})") from None
+
+
 def positive(value: int | None, flag: str) -> None:
     if value is not None and value < 1:
         raise ChimeraError(f"{flag} must be at least 1, got {value}")

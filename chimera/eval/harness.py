@@ -29,10 +29,14 @@ def load(model_path: str | Path, dtype: str = "float32"):
     checkpoints are dequantized exactly by chimera first, since transformers can't run them on CPU."""
     path = resolve_model(model_path)  # a wrong name fails before torch and transformers load
     import torch
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    from chimera.checkpoint.files import Checkpoint
+
     hf_logging.disable_progress_bar()
+    Checkpoint(path).tensors  # every shard header read and checked: a broken file is a one-line error naming it
     cfg = json.loads((path / "config.json").read_text())
     tmp = None
     try:
@@ -47,7 +51,7 @@ def load(model_path: str | Path, dtype: str = "float32"):
         try:
             tok = AutoTokenizer.from_pretrained(str(path))
             model = AutoModelForCausalLM.from_pretrained(str(path_w), dtype=getattr(torch, dtype))
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, SafetensorError) as e:
             raise ChimeraError(f"{path}: cannot load ({str(e).splitlines()[0][:160]})") from None
     finally:
         if tmp is not None:
