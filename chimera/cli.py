@@ -99,4 +99,5 @@ def main(argv: list[str] | None = None) -> None:
         _fail(_os_message(e))
     except KeyboardInterrupt:
         _fail("interrupted", 130)
-    sys.exit(code if isinstance(code, int) else 0)
+    if isinstance(code, int) and code:  # typer.Exit(code) from a command
+        sys.exit(code)

@@ -59,7 +59,7 @@ def resolve_model(spec: str | os.PathLike, root: str | os.PathLike | None = None
     near = difflib.get_close_matches(text, family.BF16_MODELS + family.FP8_MODELS, n=1, cutoff=0.75)
     hint = (f"; did you mean {near[0]!r}?" if near
             else f" (bundled models: {', '.join(family.available()) or 'none built'})")
-    raise ChimeraError(f"{prefix}{text}: not a model directory (no such directory) nor a bundled model{hint}")
+    raise ChimeraError(f"{prefix}{text}: model directory not found, and not a bundled model{hint}")
 
 
 def hub_id(path: str | os.PathLike) -> str | None:

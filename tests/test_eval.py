@@ -289,4 +289,4 @@ def test_generate_with_experts_switched_off(monkeypatch, capsys):
     cli.main()
     assert capsys.readouterr().out.strip()
     code, _, err = _cli(monkeypatch, capsys, "generate", "tiny-r1", "x", "--off", "1:0", "--mode", "sideways")
-    assert code == 2 and "--mode must be replace or drop" in err
+    assert code == 2 and "--mode must be replace | drop" in err
