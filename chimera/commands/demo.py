@@ -63,8 +63,7 @@ def _provenance(child: Path, a: Path, b: Path):
         in_a, in_b = data == raw(ca, name), data == raw(cb, name)
         src = "both" if in_a and in_b else "base" if in_a else "donor" if in_b else "neither"
         counts.setdefault(cls, {"base": 0, "donor": 0, "both": 0, "neither": 0})[src] += 1
-    t = ui.table(f"what came from where: stored tensors (scales included) byte-identical to base {a.name}, "
-                 f"donor {b.name}, both (the parents are equal there) or neither",
+    t = ui.table(f"what came from where: stored tensors byte-identical to base {a.name}, donor {b.name}",
                  ["class", "base only", "donor only", "both", "neither"],
                  right=("base only", "donor only", "both", "neither"))
     for cls, c in sorted(counts.items()):

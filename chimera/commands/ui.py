@@ -41,7 +41,7 @@ def table(title: str | None, columns: list[str], right: tuple[str, ...] = ()):
     """A rich Table that wraps cells rather than clipping them when the terminal is narrow."""
     from rich.table import Table
 
-    t = Table(title=title, title_justify="left")
+    t = Table(title=title, title_justify="left", min_width=len(title) if title else None)  # title on one line when it fits
     for c in columns:
         t.add_column(c, justify="right" if c in right else "left", overflow="fold")
     return t
