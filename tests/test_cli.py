@@ -92,6 +92,8 @@ def test_the_broken_model_really_fails_to_load(broken):
     (["eval", "{m}", "--off", "2-14"], "bad expert '2-14'"),
     (["eval", "{m}", "--off", "1:2", "--mode", "remove"], "--mode must be replace | drop"),
     (["generate", "{m}", "hi", "--off", "@missing.json:10"], "missing.json: fTRI result file not found"),
+    (["eval", "{m}", "--off", "14:2"], "--off 14:2: {m} has decoder layers 0-3"),
+    (["route", "{m}", "--prompts", "{prompts}", "--out", "r.npz", "--on", "1:32"], "has routed experts 0-31"),
     (["eval", "{m}", "--suite", "arith"], "unknown suite 'arith'"),
     (["eval", "{m}", "--n", "0"], "--n must be at least 1"),
     (["eval", "{m}", "--json", "{tmp}"], "is a directory"),
@@ -119,7 +121,7 @@ def test_cheap_mistakes_fail_before_the_model_loads(args, needle, broken, prompt
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump({"parents": {"a": str(broken), "b": "tiny-v3"}, "base": "a"}))
     fill = {"m": broken, "tmp": tmp_path, "file": file, "prompts": prompts, "recipe": recipe}
-    err = one_line_error(chimera(*[a.format(**fill) for a in args], cwd=tmp_path), needle)
+    err = one_line_error(chimera(*[a.format(**fill) for a in args], cwd=tmp_path), needle.format(**fill))
     assert "safetensors" not in err  # the weights were never opened
     assert not (tmp_path / "out").exists() and not (tmp_path / "c").exists() and not (tmp_path / "tuned").exists()
 

@@ -36,10 +36,11 @@ def _switch(model, off: list, on: list, mode: str):
     return switched(model, off=off, on=on, mode=mode)
 
 
-def _check_switch(off: Optional[str], on: Optional[str], mode: str, endpoint: Optional[str]) -> tuple[list, list]:
+def _check_switch(off: Optional[str], on: Optional[str], mode: str, endpoint: Optional[str],
+                  model: str) -> tuple[list, list]:
     if (off or on) and endpoint:
         raise ChimeraError("--off/--on switch experts of a local model; they cannot apply to --endpoint")
-    return ui.experts(off, on, mode)
+    return ui.experts(off, on, mode, None if endpoint else model)
 
 
 def _fmt(name: str, m: dict) -> tuple[str, str]:
@@ -96,7 +97,7 @@ def register(app: typer.Typer) -> None:
         ui.positive(batch_size, "--batch-size")
         items = harness.planned(suite, n)  # bad suites fail before the model loads
         ui.output_file(json_out, "--json")
-        off_l, on_l = _check_switch(off, on, mode, endpoint)
+        off_l, on_l = _check_switch(off, on, mode, endpoint, model)
         m, tok = _model(model, endpoint, api_key)
         with _switch(m, off_l, on_l, mode), ui.progress() as bar:
             tasks = {name: bar.add_task(f"eval {Path(name).stem}", total=len(it)) for name, it in items.items()}
@@ -126,7 +127,7 @@ def register(app: typer.Typer) -> None:
         from chimera.eval import harness
 
         ui.positive(max_new_tokens, "--max-new-tokens")
-        off_l, on_l = _check_switch(off, on, mode, endpoint)
+        off_l, on_l = _check_switch(off, on, mode, endpoint, model)
         m, tok = _model(model, endpoint, api_key)
         with _switch(m, off_l, on_l, mode), ui.task("generate", total=len(prompt)) as advance:
             texts = harness.generate(m, tok, list(prompt), max_new_tokens, temperature=temperature, seed=seed,

@@ -41,7 +41,7 @@ def _route(model: str = typer.Argument(..., help="checkpoint directory or bundle
     ui.positive(max_new_tokens, "--max-new-tokens")
     texts = load_prompts(prompts)
     ui.output_file(out, "--out")
-    off_l, on_l = ui.experts(off, on, mode)
+    off_l, on_l = ui.experts(off, on, mode, model)
     m, tok = load_model(model)
     from chimera.moe.capture import route_texts
     from chimera.moe.ftri import generate_responses

@@ -78,12 +78,8 @@ def status(message: str) -> Iterator[None]:
 
 # --------------------------------------------------------------------------- argument checks (no model needed)
 
-def output_file(path: Path | None, flag: str) -> Path | None:
-    """An output file the command will write: not a directory, and its folder exists or can be made there."""
-    if path is None:
-        return None
-    if path.is_dir():
-        raise ChimeraError(f"{flag} {path}: is a directory (give a file name)")
+def _creatable(path: Path, flag: str) -> None:
+    """The nearest existing folder above `path` is a folder we may write in (so `path` can be made there)."""
     parent = path.absolute().parent
     while not parent.exists():
         parent = parent.parent
@@ -91,6 +87,15 @@ def output_file(path: Path | None, flag: str) -> Path | None:
         raise ChimeraError(f"{flag} {path}: {parent} is a file, not a folder")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ChimeraError(f"{flag} {path}: {parent} is not writable")
+
+
+def output_file(path: Path | None, flag: str) -> Path | None:
+    """An output file the command will write: not a directory, and its folder exists or can be made there."""
+    if path is None:
+        return None
+    if path.is_dir():
+        raise ChimeraError(f"{flag} {path}: is a directory (give a file name)")
+    _creatable(path, flag)
     return path
 
 
@@ -98,13 +103,8 @@ def output_dir(path: Path, flag: str = "-o") -> Path:
     """An output directory the command will create or fill: not a file, under a writable folder."""
     if path.exists() and not path.is_dir():
         raise ChimeraError(f"{flag} {path}: exists and is a file, not a directory")
-    parent = path.absolute()
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise ChimeraError(f"{flag} {path}: {parent} is a file, not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ChimeraError(f"{flag} {path}: {parent} is not writable")
+    if not path.exists():
+        _creatable(path, flag)
     return path
 
 
@@ -128,10 +128,26 @@ def one_of(value: str, choices: tuple[str, ...], flag: str) -> str:
     return value
 
 
-def experts(off: str | None, on: str | None, mode: str) -> tuple[list, list]:
-    """Parse --off/--on/--mode before any model loads: syntax, @ftri.json files and their length, the mode.
-    (Which layers are MoE layers is checked against the loaded model.)"""
+def experts(off: str | None, on: str | None, mode: str, model: str | None = None) -> tuple[list, list]:
+    """Parse --off/--on/--mode before any model loads: syntax, @ftri.json files and their length, the mode,
+    and, given the model, layer and expert numbers within its config.json (`num_hidden_layers`, the routed
+    expert count). Which layers are MoE layers is checked against the loaded model."""
     from chimera.moe.experts import MODES, parse_experts
 
     one_of(mode, MODES, "--mode")
-    return (parse_experts(off) if off else []), (parse_experts(on) if on else [])
+    off_l, on_l = (parse_experts(off) if off else []), (parse_experts(on) if on else [])
+    if model is not None and (off_l or on_l):
+        import json
+
+        from chimera.resolve import resolve_model
+
+        cfg = json.loads((resolve_model(model) / "config.json").read_text())
+        layers = cfg.get("num_hidden_layers")
+        n_exp = next((cfg[k] for k in ("n_routed_experts", "num_local_experts", "num_experts") if cfg.get(k)), None)
+        for flag, pairs in (("--off", off_l), ("--on", on_l)):
+            for layer, e in pairs:
+                if isinstance(layers, int) and not 0 <= layer < layers:
+                    raise ChimeraError(f"{flag} {layer}:{e}: {model} has decoder layers 0-{layers - 1}")
+                if isinstance(n_exp, int) and not 0 <= e < n_exp:
+                    raise ChimeraError(f"{flag} {layer}:{e}: {model} has routed experts 0-{n_exp - 1}")
+    return off_l, on_l
