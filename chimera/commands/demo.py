@@ -72,7 +72,7 @@ def _provenance(child: Path, a: Path, b: Path):
 
 
 def demo(out: Path = typer.Option(Path("demo-out"), "-o", "--out", help="where the demo writes"),
-         n: int = typer.Option(24, "--n", help="held-out prompts per suite for the evaluation"),
+         n: int = typer.Option(24, "--n", help="held-out arithmetic prompts per model in step 2 (step 3 uses the whole sensitive suite)"),
          skip_eval: bool = typer.Option(False, "--skip-eval")) -> None:
     """Run the demo: an R1T-style merge of the bundled models, its provenance, and its behaviour."""
     import yaml

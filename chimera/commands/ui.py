@@ -48,14 +48,17 @@ def table(title: str | None, columns: list[str], right: tuple[str, ...] = ()):
 
 
 @contextmanager
-def progress(nbytes: bool = False) -> Iterator:
-    """A rich Progress on stderr (disabled unless stderr is a terminal); transient."""
+def progress(nbytes: bool = False, count: bool = True) -> Iterator:
+    """A rich Progress on stderr (disabled unless stderr is a terminal); transient. Bars count items, or
+    bytes with `nbytes`; `count=False` is a spinner with the elapsed time."""
     from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, SpinnerColumn,
                                TextColumn, TimeElapsedColumn, TimeRemainingColumn, TransferSpeedColumn)
 
-    cols = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(bar_width=24)]
-    cols += [DownloadColumn(), TransferSpeedColumn()] if nbytes else [MofNCompleteColumn()]
-    cols += [TimeElapsedColumn(), TimeRemainingColumn()]
+    cols = [SpinnerColumn(), TextColumn("{task.description}")]
+    if count:
+        cols += [BarColumn(bar_width=24), *([DownloadColumn(), TransferSpeedColumn()] if nbytes
+                                            else [MofNCompleteColumn()])]
+    cols += [TimeElapsedColumn()] + ([TimeRemainingColumn()] if count else [])
     with Progress(*cols, console=err(), transient=True, disable=not err().is_terminal) as p:
         yield p
 
@@ -70,8 +73,8 @@ def task(description: str, total: int | None = None, nbytes: bool = False) -> It
 
 @contextmanager
 def status(message: str) -> Iterator[None]:
-    """A spinner with elapsed time on stderr while something without a count runs (loading a model)."""
-    with progress() as p:
+    """A spinner with the elapsed time on stderr while something without a count runs (loading a model)."""
+    with progress(count=False) as p:
         p.add_task(message, total=None)
         yield
 
