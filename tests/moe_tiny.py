@@ -32,8 +32,9 @@ def tiny_config(arch: str):
                                     topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True,
                                     index_n_heads=2, index_head_dim=8, index_topk=4)
     if arch == "deepseek_v4":
+        # moe_intermediate 32: V4's MXFP4 expert files need whole 32-element blocks
         return tf.DeepseekV4Config(**{**COMMON, "num_key_value_heads": 1}, head_dim=16, q_lora_rank=16,
-                                   moe_intermediate_size=16, num_hidden_layers=4, n_routed_experts=8,
+                                   moe_intermediate_size=32, num_hidden_layers=4, n_routed_experts=8,
                                    n_shared_experts=1, num_experts_per_tok=2, o_groups=2, o_lora_rank=8,
                                    index_n_heads=2, index_head_dim=8, index_topk=4, hc_mult=2, sliding_window=8,
                                    layer_types=["sliding_attention", "compressed_sparse_attention",

@@ -2,22 +2,25 @@
 against the formats' own libraries, and writing back."""
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
 
 import ckpt
 import qfix
-from chimera.checkpoint import formats, mxfp4
+from chimera.checkpoint import mxfp4
 from chimera.checkpoint.arch import classify
-from chimera.checkpoint.files import Checkpoint
+from chimera.checkpoint.decode import read_array
+from chimera.checkpoint.files import Checkpoint, read_tensor
+from chimera.checkpoint.formats import OutFormat
 from chimera.errors import ChimeraError
+from chimera.merge.mix import encode_rows
 from moe_tiny import perturbed, save
 
 
-def _grouped(path):
-    ck = Checkpoint(path)
-    return ck, formats.group(ck.tensors)
+def f32(st, rows=None):
+    return torch.from_numpy(read_array(st, rows))
 
 
 def test_gpt_oss_mxfp4_release(tmp_path):
@@ -25,26 +28,23 @@ def test_gpt_oss_mxfp4_release(tmp_path):
 
     m = perturbed("gpt_oss", 0)
     d = qfix.gpt_oss_mxfp4(save(m, tmp_path / "oss", "gpt_oss"))
-    ck, g = _grouped(d)
+    ck = Checkpoint(d)
     name = "model.layers.1.mlp.experts.gate_up_proj"
-    st = g[name]
+    st = ck.stored[name]
     assert st.format == "mxfp4" and st.transposed
     assert st.shape == tuple(m.state_dict()[name].shape) == (8, 32, 64)      # transformers' in-memory [E, H, 2I]
-    assert set(p.name for p in st.parts.values()) == {name + "_blocks", name + "_scales"}
-    from chimera.checkpoint.files import read_tensor
-
-    want = convert_moe_packed_tensors(read_tensor(st.parts["blocks"]), read_tensor(st.parts["scales"]),
-                                      dtype=torch.float32)
-    assert torch.equal(formats.read_float(st), want)
-    assert torch.equal(formats.read_float(st, (2, 5)), want[2:5])                # an expert range
-    assert g["model.layers.1.mlp.router.weight"].format == "plain"
-    assert {classify(n, ck.config) for n in g if "experts" in n} == {"routed_experts"}
+    assert {p.name for p in st.parts} == {name + "_blocks", name + "_scales"}
+    want = convert_moe_packed_tensors(read_tensor(st.weight), read_tensor(st.part("scales")), dtype=torch.float32)
+    assert torch.equal(f32(st), want)
+    assert torch.equal(f32(st, (2, 5)), want[2:5])                                   # an expert range
+    assert ck.stored["model.layers.1.mlp.router.weight"].format == "plain"
+    assert {classify(n, ck.config) for n in ck.stored if "experts" in n} == {"routed_experts"}
     # re-encoding a dequantized MXFP4 tensor is lossless (its values are on the grid at that scale or finer)
-    of = formats.OutFormat.like(st)
-    assert [(r, n, t, s) for r, n, t, s in of.parts(name, st.shape)] == [
-        ("blocks", name + "_blocks", "U8", (8, 64, 1, 16)), ("scales", name + "_scales", "U8", (8, 64, 1))]
-    enc = of.encode(want)
-    assert torch.equal(mxfp4.dequantize(enc["blocks"], enc["scales"]).transpose(1, 2), want)
+    of = OutFormat.like(st)
+    assert of.parts(name, st.shape) == [("weight", name + "_blocks", "U8", (8, 64, 1, 16)),
+                                        ("scales", name + "_scales", "U8", (8, 64, 1))]
+    enc = encode_rows(want, of, st.shape)
+    assert torch.equal(mxfp4.dequantize(enc["weight"], enc["scales"]).transpose(1, 2), want)
 
 
 def test_kimi_int4_release(tmp_path):
@@ -52,35 +52,54 @@ def test_kimi_int4_release(tmp_path):
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
     d = qfix.kimi_int4(save(perturbed("kimi_k2", 0), tmp_path / "k", "kimi_k2"))
-    ck, g = _grouped(d)
-    up, down = g["model.layers.1.mlp.experts.3.up_proj.weight"], g["model.layers.2.mlp.experts.0.down_proj.weight"]
+    ck = Checkpoint(d)
+    up, down = ck.stored["model.layers.1.mlp.experts.3.up_proj.weight"], ck.stored["model.layers.2.mlp.experts.0.down_proj.weight"]
     assert up.format == down.format == "int4_pack"
     assert up.shape == (16, 32) and down.shape == (32, 16)       # down: 16 columns, half a group, read from weight_shape
-    assert g["model.layers.1.mlp.shared_experts.up_proj.weight"].format == "plain"
+    assert ck.stored["model.layers.1.mlp.shared_experts.up_proj.weight"].format == "plain"
     assert classify("model.layers.2.mlp.experts.0.down_proj.weight", ck.config) == "routed_experts"
-    from chimera.checkpoint.files import read_tensor
-
     args = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=32)
-    sd = {k: read_tensor(up.parts[r]) for k, r in (("weight_packed", "packed"), ("weight_scale", "scale"),
-                                                    ("weight_shape", "shape"))}
+    sd = {"weight_packed": read_tensor(up.weight), "weight_scale": read_tensor(up.part("scale")),
+          "weight_shape": read_tensor(up.part("shape"))}
     lib = PackedQuantizationCompressor.decompress(sd, QuantizationScheme(targets=["Linear"], weights=args))["weight"]
-    ours = formats.read_float(up)
-    assert torch.equal(ours.to(torch.bfloat16), lib)
-    assert torch.equal(formats.read_float(down, (4, 9)), formats.read_float(down)[4:9])
-    of = formats.OutFormat.like(down)
-    enc = of.encode(formats.read_float(down), down.shape)
-    assert enc["packed"].shape == (32, 2) and enc["scale"].dtype == torch.bfloat16
-    assert enc["shape"].tolist() == [32, 16]
+    assert torch.equal(f32(up).to(torch.bfloat16), lib)
+    assert torch.equal(f32(down, (4, 9)), f32(down)[4:9])
+    of = OutFormat.like(down)
+    enc = encode_rows(f32(down), of, down.shape)
+    assert enc["weight"].shape == (32, 2) and enc["scale"].dtype == torch.bfloat16 and enc["shape"].tolist() == [32, 16]
+
+
+def test_deepseek_v4_release(tmp_path):
+    """V4: routed experts MXFP4 (int8 + F8_E8M0 `scale`), projections FP8 with E8M0 `scale` 128x128 blocks."""
+    from transformers.integrations.finegrained_fp8 import Fp8Dequantize
+
+    d = qfix.deepseek_v4(save(perturbed("deepseek_v4", 0), tmp_path / "v4", "deepseek_v4"))
+    ck = Checkpoint(d)
+    w1 = ck.stored["model.layers.1.ffn.experts.2.w1.weight"]
+    w2 = ck.stored["model.layers.1.ffn.experts.2.w2.weight"]
+    assert w1.format == w2.format == "mxfp4" and w1.shape == (32, 32) and w2.shape == (32, 32)
+    assert w1.part("scales").dtype == "F8_E8M0"
+    deq = Fp8Dequantize(None)._dequantize_one
+    assert torch.equal(f32(w1), deq(read_tensor(w1.weight), read_tensor(w1.part("scales")), output_dtype=torch.float32))
+    wq = ck.stored["model.layers.1.attn.wq_a.weight"]
+    assert wq.format == "fp8_block" and wq.scale.dtype == "F8_E8M0" and wq.ue8m0
+    assert torch.equal(f32(wq), deq(read_tensor(wq.weight), read_tensor(wq.scale), output_dtype=torch.float32))
+    assert classify("model.layers.1.ffn.experts.2.w1.weight", ck.config) == "routed_experts"
+    of = OutFormat.like(w2)
+    assert [p[1:] for p in of.parts(w2.name, w2.shape)] == [(w2.name, "I8", (32, 16)),
+                                                             ("model.layers.1.ffn.experts.2.w2.scale", "F8_E8M0", (32, 1))]
+    enc = encode_rows(f32(w2), of, w2.shape)
+    assert torch.equal(mxfp4.dequantize(enc["weight"], enc["scales"]), f32(w2))
 
 
 def test_fp8_block_and_opaque_and_orphans(tmp_path):
     sd, cfg = ckpt.ds_state(0, mtp=False)
     d = ckpt.write(tmp_path / "ds", sd, cfg, "fp8")
-    ck, g = _grouped(d)
-    st = g["model.layers.1.self_attn.kv_a_proj_with_mqa.weight"]
+    ck = Checkpoint(d)
+    st = ck.stored["model.layers.1.self_attn.kv_a_proj_with_mqa.weight"]
     assert st.format == "fp8_block" and st.block == 128
-    assert torch.equal(formats.read_float(st), ck.read_float(st.name))
-    assert g["model.embed_tokens.weight"].format == "plain"
+    assert np.array_equal(read_array(st), ckpt.dequant_ref(read_tensor(st.weight), read_tensor(st.scale)).float().numpy())
+    assert ck.stored["model.embed_tokens.weight"].format == "plain"
     # NVFP4-style companions: copied together, never read as numbers
     q = tmp_path / "nv"
     q.mkdir()
@@ -88,10 +107,11 @@ def test_fp8_block_and_opaque_and_orphans(tmp_path):
     save_file({"a.weight": torch.zeros(4, 8, dtype=torch.uint8), "a.weight_scale": torch.ones(4, 1).to(torch.float8_e4m3fn),
                "a.weight_scale_2": torch.ones(()), "a.input_scale": torch.ones(()),
                "b.weight": torch.zeros(2, 2)}, str(q / "model.safetensors"))
-    _, g = _grouped(q)
+    g = Checkpoint(q).stored
     assert g["a.weight"].format == "opaque" and len(g["a.weight"].parts) == 4 and g["b.weight"].format == "plain"
-    with pytest.raises(ChimeraError, match="a.weight: opaque .* can't be read as numbers"):
-        formats.read_float(g["a.weight"])
-    save_file({"c.weight_scale_inv": torch.ones(1, 1)}, str(q / "model.safetensors"))
-    with pytest.raises(ChimeraError, match="c.weight_scale_inv is a quantization companion without its weight"):
-        _grouped(q)
+    with pytest.raises(ChimeraError, match="a.weight is stored as opaque .* can't read as numbers"):
+        read_array(g["a.weight"])
+    (q / "model.safetensors").unlink()
+    save_file({"c.weight_packed": torch.zeros(1, 1, dtype=torch.int32)}, str(q / "model.safetensors"))
+    with pytest.raises(ChimeraError, match="c.weight_packed has no weight_scale"):
+        Checkpoint(q).stored

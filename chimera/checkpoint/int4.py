@@ -20,8 +20,12 @@ matching `pack_to_int32`. Unpacking reads the int32 words as little-endian bytes
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 GROUP = 32
 BITS = 4
@@ -30,6 +34,8 @@ PER_WORD = 32 // BITS
 
 def unpack(packed: torch.Tensor, cols: int) -> torch.Tensor:
     """int32 `[rows, words]` -> int8 q `[rows, cols]` in -8..7."""
+    import torch
+
     u = packed.contiguous().view(torch.uint8)                         # little-endian: low byte first
     nib = torch.stack((u & 0x0F, u >> 4), dim=-1).reshape(packed.shape[0], -1)
     return (nib[:, :cols].to(torch.int8) - 8)
@@ -37,6 +43,8 @@ def unpack(packed: torch.Tensor, cols: int) -> torch.Tensor:
 
 def pack(q: torch.Tensor) -> torch.Tensor:
     """int8 q `[rows, cols]` in -8..7 -> int32 `[rows, ceil(cols / 8)]`."""
+    import torch
+
     rows, cols = q.shape
     words = -(-cols // PER_WORD)
     u = (q.to(torch.int16) + 8).to(torch.uint8)
@@ -60,11 +68,16 @@ def dequantize_np(packed: np.ndarray, scale: np.ndarray, shape: tuple[int, int])
 
 def dequantize(packed: torch.Tensor, scale: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     """torch wrapper of `dequantize_np`."""
+    import torch
+
     return torch.from_numpy(dequantize_np(packed.contiguous().numpy(), scale.to(torch.float32).numpy(), shape))
 
 
-def quantize(w: torch.Tensor, scale_dtype: torch.dtype = torch.bfloat16) -> tuple[torch.Tensor, torch.Tensor]:
-    """float `[rows, cols]` -> (weight_packed int32, weight_scale `scale_dtype`)."""
+def quantize(w: torch.Tensor, scale_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """float `[rows, cols]` -> (weight_packed int32, weight_scale `scale_dtype`, bfloat16 by default)."""
+    import torch
+
+    scale_dtype = scale_dtype or torch.bfloat16
     w = w.to(torch.float32)
     rows, cols = w.shape
     g = -(-cols // GROUP)

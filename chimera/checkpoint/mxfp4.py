@@ -26,8 +26,12 @@ rejected (FloatingPointError).
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 BLOCK = 32
 EMAX_ELEM = 2
@@ -40,6 +44,8 @@ _LUT = np.array(FP4_VALUES, dtype=np.float32)
 
 def unpack(packed: torch.Tensor) -> torch.Tensor:
     """uint8/int8 `[..., m]` (two codes per byte) -> codes uint8 `[..., 2m]` (low nibble first)."""
+    import torch
+
     u = packed.view(torch.uint8) if packed.dtype == torch.int8 else packed
     return torch.stack((u & 0x0F, u >> 4), dim=-1).reshape(*u.shape[:-1], 2 * u.shape[-1])
 
@@ -68,12 +74,16 @@ def dequantize_np(blocks: np.ndarray, scales: np.ndarray, n: int | None = None) 
 
 def dequantize(blocks: torch.Tensor, scales: torch.Tensor, n: int | None = None) -> torch.Tensor:
     """torch wrapper of `dequantize_np` (any uint8/int8/float8_e8m0 storage of the same bytes)."""
+    import torch
+
     as_np = lambda t: t.contiguous().view(torch.uint8).numpy()  # noqa: E731
     return torch.from_numpy(np.ascontiguousarray(dequantize_np(as_np(blocks), as_np(scales), n)))
 
 
 def quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """float `[..., n]` -> (codes uint8 `[..., G, 16]`, E8M0 scales uint8 `[..., G]`), G = ceil(n / 32)."""
+    import torch
+
     w = w.to(torch.float32)
     n = w.shape[-1]
     g = -(-n // BLOCK)
