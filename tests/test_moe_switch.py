@@ -418,3 +418,44 @@ def test_cli_tune_errors_are_one_line(tmp_path):
     assert r.returncode == 2, r.stderr
     lines = [x for x in r.stderr.splitlines() if x.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and "not possible for mixtral" in lines[0]
+
+
+def test_harness_loads_every_release_layout_for_mote(tmp_path):
+    """The MoTE commands' loader: transformers' own class for each config (Kimi K2's auto_map never run), quantized
+    releases dequantized exactly first, Llama-4 as its language model; the routers are found and switch."""
+    import qfix
+    from chimera.checkpoint.decode import read_array
+    from chimera.checkpoint.files import Checkpoint
+    from chimera.eval.harness import load as harness_load
+    from chimera.zoo import tokenizer as ztok
+
+    tok = ztok.wrap(ztok.build(["the glorbium is red .", "what is the vextrane ?"]))
+    cases = {"kimi_k2": None, "qwen3_5_moe": None, "llama4": None, "gpt_oss": qfix.gpt_oss_mxfp4,
+             "deepseek_v4": qfix.deepseek_v4, "kimi_k2-int4": qfix.kimi_int4}
+    for name, fn in cases.items():
+        arch = name.split("-")[0]
+        d = save(tiny_model(arch), tmp_path / name, arch)
+        if fn is not None:
+            fn(d)
+        tok.save_pretrained(d)
+        model, _ = harness_load(d)
+        layers = moe_layers(model)
+        assert layers and set(layers) == set(arch_mod.of(Checkpoint(d).config).moe), name
+        if fn is not None:   # the weights are the release's, dequantized exactly (then bf16)
+            ck = Checkpoint(d)
+            n = next(k for k, st in ck.stored.items() if st.format in ("mxfp4", "int4_pack"))
+            mem = arch_mod.of(ck.config).memory_name(n)
+            want = torch.from_numpy(read_array(ck.stored[n])).to(torch.bfloat16).float()
+            got = model.state_dict()[mem]
+            if got.shape != want.shape:  # a per-expert tensor inside the fused in-memory parameter
+                e = arch_mod.of(ck.config).role(n).expert
+                rows = want.shape[0]
+                part = 1 if n.endswith(("up_proj.weight", "w3.weight")) else 0
+                got = got[e][part * rows:(part + 1) * rows] if not n.endswith(("down_proj.weight", "w2.weight")) else got[e]
+            assert torch.equal(got, want), name
+        ids = _ids(B=1, T=6)
+        (L, e), = _busiest(model, ids, 1)
+        with torch.no_grad():
+            base = model(ids).logits
+            with switched(model, off=[(L, e)]):
+                assert not torch.equal(model(ids).logits, base), name

@@ -233,6 +233,14 @@ def _resolve_classes(config: dict):
     raise ChimeraError(f"model_type {mt!r}: transformers has no causal-LM class for {cfg_cls.__name__}")
 
 
+def model_class(config: dict):
+    """(transformers config object, model class) to load a checkpoint with transformers' own code: the class its
+    `architectures` names when transformers has it, else the causal-LM (or, with a vision tower, image-text)
+    class of its model type. Kimi K2's own `model_type` gets DeepseekV3's config, whose model type picks the
+    right weight-name conversions when loading. Never runs remote code."""
+    return _resolve_classes(config)
+
+
 def _build(config: dict) -> Arch:
     import torch
     from transformers.conversion_mapping import get_model_conversion_mapping
