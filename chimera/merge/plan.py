@@ -389,17 +389,14 @@ def build_plan(recipe: Recipe) -> Plan:
         segments = ()
         if role is not None and role.fused and info.shape:
             segments = _segments(recipe, name, cls, info.shape[0], at, out, info)
-        if segments:
+        if segments:  # `lambdas` stay the tensor's own (class/glob); the segments carry each run's
             ops = {sg.op for sg in segments}
             op = "copy" if ops == {"copy"} else ("mix" if "mix" in ops else "cast")
-            lams = {}
-            for sg in segments:
-                for p_, lam in sg.lambdas:
-                    lams[p_] = max(lams.get(p_, 0.0), lam)
         else:
             op = _operation(name, lams, at, out, info)
+        involved = set(lams) | {p_ for sg in segments for p_, _ in sg.lambdas}
         threshold = recipe.threshold if (recipe.threshold and recipe.threshold.delta > 0
-                                         and set(lams) != {recipe.base}) else None
+                                         and involved != {recipe.base}) else None
         if any(st.format == "opaque" for st in at.values()):
             threshold = None  # no distance without numbers: the selection stands
         sources = tuple(Source(p, stored[p][name]) for p in cks)
