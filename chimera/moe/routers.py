@@ -156,7 +156,6 @@ class NoAuxTcAdapter(RouterAdapter):
 
     kind = "noaux_tc"
     bias_kind = "selection"
-
     bias_attr = "e_score_correction_bias"
 
     def check_masks(self, off, force, mode, where):
@@ -248,14 +247,17 @@ class DeepseekV4Adapter(RouterAdapter):
 
     kind = "deepseek_v4"
     bias_kind = "selection"
-
     bias_attr = "e_score_correction_bias"
+
+    def _choose(self, scores, off, force, mode, args) -> torch.Tensor:
+        m = self.module
+        return torch.topk(scores + _biased(m.e_score_correction_bias, off, force, mode), m.top_k, dim=-1,
+                          sorted=False).indices
 
     def select(self, router_logits, off=None, force=None, mode="replace", args=()):
         m = self.module
         scores = m.score_fn(router_logits)
-        choice = scores + _biased(m.e_score_correction_bias, off, force, mode)
-        indices = torch.topk(choice, m.top_k, dim=-1, sorted=False).indices
+        indices = self._choose(scores, off, force, mode, args)
         weights = scores.gather(1, indices)
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         weights = weights * m.routed_scaling_factor
@@ -264,26 +266,20 @@ class DeepseekV4Adapter(RouterAdapter):
         return weights, indices
 
 
-class DeepseekV4HashAdapter(RouterAdapter):
+class DeepseekV4HashAdapter(DeepseekV4Adapter):
     """DeepSeek-V4 hash layers: the experts of a token are `tid2eid[token_id]`, a fixed table; the learned gate only
-    weights them. Only `drop` switches apply (a bias or a ranking has nothing to act on)."""
+    weights them (as in the top-k layers). Only `drop` switches apply (a bias or a ranking has nothing to act on)."""
 
     kind = "deepseek_v4_hash"
+    bias_kind = None
+    bias_attr = None
     table_routed = True
 
-    def select(self, router_logits, off=None, force=None, mode="replace", args=()):
-        m = self.module
+    def _choose(self, scores, off, force, mode, args) -> torch.Tensor:
         input_ids = args[1] if len(args) > 1 else None
         if input_ids is None:
             raise ChimeraError("a DeepSeek-V4 hash-routed layer needs the token ids (call the model with input_ids)")
-        scores = m.score_fn(router_logits)
-        indices = m.tid2eid[input_ids.reshape(-1)].long()
-        weights = scores.gather(1, indices)
-        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-        weights = weights * m.routed_scaling_factor
-        if off is not None and mode == "drop":
-            weights = _drop(weights, indices, off)
-        return weights, indices
+        return self.module.tid2eid[input_ids.reshape(-1)].long()
 
 
 class MiniMaxM2Adapter(RouterAdapter):
@@ -292,7 +288,6 @@ class MiniMaxM2Adapter(RouterAdapter):
 
     kind = "minimax_m2"
     bias_kind = "selection"
-
     bias_attr = "e_score_correction_bias"
     bias_on_block = True
 
@@ -315,7 +310,6 @@ class ErnieAdapter(RouterAdapter):
 
     kind = "ernie4_5_moe"
     bias_kind = "selection"
-
     bias_attr = "moe_statics.e_score_correction_bias"
 
     def select(self, router_logits, off=None, force=None, mode="replace", args=()):
@@ -379,7 +373,6 @@ class GptOssAdapter(RouterAdapter):
 
     kind = "gpt_oss"
     bias_kind = "logits"
-
     bias_attr = "bias"
 
     def select(self, router_logits, off=None, force=None, mode="replace", args=()):
