@@ -90,3 +90,19 @@ def deepseek_v4(path: Path) -> Path:
                 out[k] = v.to(torch.bfloat16) if v.is_floating_point() else v
         return out
     return _rewrite(path, fn, V4_Q)
+
+
+def qwen3_fp8(path: Path) -> Path:
+    """A save_pretrained Qwen3-MoE directory rewritten as Qwen3's FP8 releases: every projection e4m3 with 128x128
+    block `weight_scale_inv` stored in bfloat16 (Qwen/Qwen3-*-FP8), the rest bf16."""
+    def fn(sd):
+        out = {}
+        for k, v in sd.items():
+            if k.endswith("proj.weight") and v.dim() == 2:
+                q, s = fp8.quantize(v.float(), scale_dtype=torch.bfloat16)
+                out[k], out[k + "_scale_inv"] = q, s
+            else:
+                out[k] = v.to(torch.bfloat16)
+        return out
+    return _rewrite(path, fn, {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                               "weight_block_size": [128, 128]})

@@ -115,3 +115,17 @@ def test_fp8_block_and_opaque_and_orphans(tmp_path):
     save_file({"c.weight_packed": torch.zeros(1, 1, dtype=torch.int32)}, str(q / "model.safetensors"))
     with pytest.raises(ChimeraError, match="c.weight_packed has no weight_scale"):
         Checkpoint(q).stored
+
+
+def test_qwen3_fp8_release_bf16_scales(tmp_path):
+    """Qwen3's FP8 releases store `weight_scale_inv` in bfloat16: read like transformers reads it, kept on write."""
+    from transformers.integrations.finegrained_fp8 import Fp8Dequantize
+
+    d = qfix.qwen3_fp8(save(perturbed("qwen3_moe", 0), tmp_path / "q", "qwen3_moe"))
+    ck = Checkpoint(d)
+    st = ck.stored["model.layers.1.mlp.experts.4.down_proj.weight"]
+    assert st.format == "fp8_block" and st.scale.dtype == "BF16" and st.describe().endswith("(bf16 scales)")
+    want = Fp8Dequantize(None)._dequantize_one(read_tensor(st.weight), read_tensor(st.scale), output_dtype=torch.float32)
+    assert torch.equal(f32(st), want)
+    of = OutFormat.like(st)
+    assert of.parts(st.name, st.shape)[1][1:] == (st.name + "_scale_inv", "BF16", (1, 1)) and of.accepts(st)

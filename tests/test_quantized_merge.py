@@ -23,7 +23,8 @@ from chimera.merge.recipe import load
 from moe_tiny import load as load_model
 from moe_tiny import logits, perturbed, save
 
-RELEASES = {"gpt_oss": qfix.gpt_oss_mxfp4, "kimi_k2": qfix.kimi_int4, "deepseek_v4": qfix.deepseek_v4}
+RELEASES = {"gpt_oss": qfix.gpt_oss_mxfp4, "kimi_k2": qfix.kimi_int4, "deepseek_v4": qfix.deepseek_v4,
+            "qwen3_moe": qfix.qwen3_fp8}
 
 
 @pytest.fixture(scope="module")
@@ -84,11 +85,14 @@ def test_mix_re_encodes_in_the_release_format(arch, releases, tmp_path):
             step = step[..., : w.shape[-1]]
             err = ((got.transpose(-1, -2) if st.transposed else got).double() - (exact.transpose(-1, -2) if st.transposed else exact)).abs()
             assert bool((err <= 2 * step + 1e-12).all()), name
-        elif st.format == "fp8_block":              # DeepSeek-V4's FP8: fresh power-of-two scales, stored as E8M0
-            q8, s8 = fp8.quantize(mixed, st.block, ue8m0=True)
+        elif st.format == "fp8_block":   # fresh scales in the release's own scale dtype and name:
+            e8 = st.scale.dtype == "F8_E8M0"  # DeepSeek-V4 E8M0 powers of two, Qwen3 bf16 `weight_scale_inv`
+            q8, s8 = fp8.quantize(mixed, st.block, ue8m0=e8, scale_dtype=torch.float32 if e8 else torch.bfloat16)
             assert torch.equal(read_tensor(out.weight).view(torch.uint8), q8.view(torch.uint8)), name
-            assert out.scale.dtype == st.scale.dtype == "F8_E8M0" and out.scale.name == st.scale.name
-            assert torch.equal(read_tensor(out.scale).float(), s8), name
+            assert out.scale.dtype == st.scale.dtype and out.scale.name == st.scale.name
+            assert torch.equal(read_tensor(out.scale).float(), s8.float()), name
+            err = (got.double() - exact).abs()      # e4m3: 2^-4 relative, plus the bf16 scale's rounding
+            assert bool((err <= exact.abs() * 2**-3 + 1e-6).all()), name
         elif st.format == "int4_pack":              # compressed-tensors' rule, bf16 scales like the release
             packed, scale = int4.quantize(mixed, torch.bfloat16)
             assert torch.equal(read_tensor(out.weight), packed) and torch.equal(read_tensor(out.part("scale")), scale)

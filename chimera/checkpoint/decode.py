@@ -107,7 +107,7 @@ def read_array(s: Stored, rows: tuple[int, int] | None = None) -> np.ndarray:
     if s.scale.dtype in E8M0_TAGS:
         sc = np.ldexp(np.float32(1), np.frombuffer(sbuf, np.uint8).astype(np.int32) - 127).reshape(sshape)
     else:
-        sc = np.frombuffer(sbuf, np.float32).reshape(sshape)               # [rb, Nb]
+        sc = to_float32(sbuf, s.scale.dtype, sshape)                       # [rb, Nb]: f32, bf16 or f16
     cols = np.repeat(sc, b, axis=1)[:, : shape[1]]                         # [rb, N]: 1/B of x
     whole = (r1 - r0) // b
     if whole:

@@ -34,6 +34,7 @@ BLOCK = 128
 MX_BLOCK = 32
 FORMATS = ("plain", "fp8_block", "mxfp4", "int4_pack", "opaque")
 E8M0_TAGS = ("F8_E8M0", "U8")
+SCALE_TAGS = ("F32", "BF16", "F16") + E8M0_TAGS  # FP8 block scales: DeepSeek f32, Qwen3 bf16/f16, DeepSeek-V4 E8M0
 _OPAQUE = ("weight_scale_2", "input_scale", "weight_zero_point", "weight_global_scale", "input_global_scale",
            "k_scale", "v_scale", "weight_scale")
 
@@ -116,7 +117,7 @@ class Stored:
         if f == "plain":
             return self.dtype.lower()
         if f == "fp8_block":
-            kind = "e8m0" if self.scale.dtype in E8M0_TAGS else ("ue8m0" if self.ue8m0 else "f32")
+            kind = "e8m0" if self.scale.dtype in E8M0_TAGS else ("ue8m0" if self.ue8m0 else self.scale.dtype.lower())
             return f"fp8 e4m3 {self.block}x{self.block} blocks ({kind} scales)"
         if f == "mxfp4":
             return "mxfp4 " + ("(gpt-oss _blocks/_scales)" if self.transposed else "(int8 + e8m0 scale)")
@@ -142,12 +143,13 @@ def block_format(quant: dict | None, where: str) -> tuple[int, bool]:
 
 
 def check_fp8_block(w: TensorInfo, s: TensorInfo, block: int) -> None:
-    """An FP8 weight's scale must be float32 (or E8M0 bytes) with the grid [ceil(M/block), ceil(N/block)]."""
+    """An FP8 weight's scale must be a float (F32, BF16, F16) or E8M0 bytes with the grid [ceil(M/block),
+    ceil(N/block)]."""
     if len(w.shape) != 2:
         raise ChimeraError(f"{w.file}: FP8 tensor {w.name} has shape {list(w.shape)}; block FP8 weights are 2-D")
-    if s.dtype not in ("F32",) + E8M0_TAGS:
-        raise ChimeraError(f"{s.file}: tensor {s.name} is {s.dtype}; FP8 block scales must be float32 (F32) "
-                           f"or E8M0 (F8_E8M0)")
+    if s.dtype not in SCALE_TAGS:
+        raise ChimeraError(f"{s.file}: tensor {s.name} is {s.dtype}; FP8 block scales must be float32 (F32), "
+                           f"BF16, F16 or E8M0 (F8_E8M0)")
     want = scale_shape(w.shape, block)
     if tuple(s.shape) != want:
         m, n = w.shape
@@ -252,7 +254,7 @@ class OutFormat:
         f = st.format
         if f == "fp8_block":
             naming = "scale_inv" if st.scale.name.endswith(SCALE_SUFFIX) else "scale"
-            tag = "F8_E8M0" if st.scale.dtype in E8M0_TAGS else "F32"
+            tag = "F8_E8M0" if st.scale.dtype in E8M0_TAGS else st.scale.dtype
             return cls("fp8_block", tag, st.block, st.ue8m0, naming)
         if f == "mxfp4":
             return cls("mxfp4", "U8", naming="blocks" if st.transposed else "packed")
@@ -270,7 +272,7 @@ class OutFormat:
         if self.format == "plain":
             return self.dtype.lower()
         if self.format == "fp8_block":
-            kind = "e8m0" if self.dtype in E8M0_TAGS else ("ue8m0" if self.ue8m0 else "f32")
+            kind = "e8m0" if self.dtype in E8M0_TAGS else ("ue8m0" if self.ue8m0 else self.dtype.lower())
             return f"fp8 e4m3 {self.block}x{self.block} blocks ({kind} scales)"
         if self.format == "mxfp4":
             return "mxfp4 " + ("(gpt-oss _blocks/_scales)" if self.naming == "blocks" else "(int8 + e8m0 scale)")
@@ -316,7 +318,7 @@ class OutFormat:
         if self.format == "plain":
             return st.dtype == self.dtype
         if self.format == "fp8_block":
-            same_kind = (st.scale.dtype in E8M0_TAGS) == (self.dtype in E8M0_TAGS)
+            same_kind = st.scale.dtype == self.dtype or (st.scale.dtype in E8M0_TAGS and self.dtype in E8M0_TAGS)
             naming = "scale_inv" if st.scale.name.endswith(SCALE_SUFFIX) else "scale"
             return same_kind and naming == self.naming and st.block == self.block and (st.ue8m0 or not self.ue8m0)
         if self.format == "mxfp4":

@@ -50,9 +50,11 @@ def encode_rows(acc: torch.Tensor, out: OutFormat, shape: tuple[int, ...]) -> di
     one float32 sum is finite iff no element is NaN/Inf, 20x cheaper than isfinite().all() -- it could only
     overflow for weights near float32's limit, which bf16/f32 can't hold either)."""
     if out.format == "fp8_block":
-        q, s = fp8.quantize(acc, out.block, out.ue8m0)             # [r, N] e4m3, [r/B, Nb] f32
         if out.dtype in E8M0_TAGS:                                  # powers of two as E8M0 bytes
+            q, s = fp8.quantize(acc, out.block, True)
             s = (torch.log2(s).round().to(torch.int32) + 127).to(torch.uint8)
+        else:                                                       # [r, N] e4m3, [r/B, Nb] f32/bf16/f16
+            q, s = fp8.quantize(acc, out.block, out.ue8m0, torch_dtype(out.dtype))
         return {"weight": q, "scale": s}
     if out.format == "mxfp4":
         if out.naming == "blocks":                                  # gpt-oss: [r, in, out] -> codes over [r, out, in]
