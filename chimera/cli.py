@@ -16,9 +16,9 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
 
 
 def _register() -> None:
-    from chimera.commands import demo, eval, merge, moe, sweep
+    from chimera.commands import demo, eval, merge, moe, serve, sweep
 
-    for wing in (merge, eval, moe, sweep, demo):
+    for wing in (merge, eval, moe, sweep, demo, serve):
         wing.register(app)
 
 
