@@ -16,9 +16,9 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
 
 
 def _register() -> None:
-    from chimera.commands import demo, eval, merge, moe, serve, sweep
+    from chimera.commands import demo, eval, merge, moe, prune, serve, sweep
 
-    for wing in (merge, eval, moe, sweep, demo, serve):
+    for wing in (merge, eval, moe, sweep, demo, serve, prune):
         wing.register(app)
 
 
