@@ -104,7 +104,14 @@ def _ftri(model: str = typer.Argument(..., help="checkpoint directory or bundled
           csv: Optional[Path] = typer.Option(None, "--csv", help="also write the full ranking as CSV"),
           plot: Optional[Path] = typer.Option(None, "--plot", help="heatmap PNG with the top experts marked"),
           max_new_tokens: int = typer.Option(64, "--max-new-tokens"),
-          batch_size: int = typer.Option(8, "--batch-size")) -> None:
+          batch_size: int = typer.Option(8, "--batch-size"),
+          endpoint: Optional[str] = typer.Option(None, "--endpoint", help="fTRI from the routed experts a server "
+                                                 "returns (chimera serve, vLLM, SGLang); MODEL is the served name"),
+          api_key: Optional[str] = typer.Option(None, "--api-key", envvar="CHIMERA_API_KEY"),
+          num_experts: Optional[int] = typer.Option(None, "--num-experts", help="with --endpoint: routed experts "
+                                                    "per layer (chimera serve publishes it)"),
+          top_k: Optional[int] = typer.Option(None, "--top-k", help="with --endpoint: experts per token (needed to "
+                                              "reshape SGLang's flat payload)")) -> None:
     """fTRI: rank routed experts by mean(target) - mean(contrast) routing over the whole model."""
     from chimera.moe import ftri as F
     from chimera.moe.capture import route_texts
@@ -121,6 +128,13 @@ def _ftri(model: str = typer.Argument(..., help="checkpoint directory or bundled
     t_prompts = F.load_prompts(target)
     c_prompts = F.load_prompts(contrast) if contrast is not None and label_by_response is None else None
     scorer = F.resolve_scorer(label_by_response) if label_by_response else None
+    if endpoint:
+        from chimera.moe.engine_routes import ftri_endpoint
+
+        result = ftri_endpoint(endpoint, model, t_prompts, c_prompts, scorer, target_label, kind, stat, max_new_tokens,
+                               api_key, num_experts, top_k, label_by_response)
+        _finish(result, top, out, csv, plot)
+        return
     m, tok = load_model(model)
     meta = {"model": str(model)}
     if scorer is not None:
@@ -137,6 +151,10 @@ def _ftri(model: str = typer.Argument(..., help="checkpoint directory or bundled
         rc = route_texts(m, tok, c_prompts, F.generate_responses(m, tok, c_prompts, max_new_tokens, batch_size)
                          if need else None, batch_size=batch_size)
         result = F.ftri_routes(rt, rc, stat=stat, tokens=kind, meta=meta)
+    _finish(result, top, out, csv, plot)
+
+
+def _finish(result, top, out, csv, plot):
     result.write_json(out, top=top)
     if csv is not None:
         result.write_csv(csv)
@@ -146,16 +164,9 @@ def _ftri(model: str = typer.Argument(..., help="checkpoint directory or bundled
 
 
 def _target_label(labels, wanted):
-    present = list(dict.fromkeys(labels))
-    if wanted is None:
-        for cand in (True, "refused", "refusal", "yes", 1):
-            if cand in present:
-                return cand
-        raise ChimeraError(f"--target-label needed: the scorer gave labels {present}")
-    for lab in present:
-        if str(lab).lower() == wanted.lower():
-            return lab
-    raise ChimeraError(f"no response labelled {wanted!r} (labels: {present})")
+    from chimera.moe.ftri import pick_target_label
+
+    return pick_target_label(labels, wanted)
 
 
 def _print_top(result, top, out):

@@ -161,3 +161,69 @@ def to_routes(gens: list[Generation], num_experts: int | None = None, texts: lis
         r.weights[kind] = np.full_like(counts, np.nan)
         r.tokens[kind] = ntok
     return r
+
+
+def served_layout(url: str, api_key: str | None = None) -> dict | None:
+    """The MoE layout a `chimera serve` publishes in /v1/models (`moe`: layers, num_experts, top_k), or None
+    for servers that don't (vLLM, SGLang)."""
+    import httpx
+
+    base = url.split("/v1")[0].rstrip("/")
+    try:
+        r = httpx.get(base + "/v1/models", headers={"Authorization": f"Bearer {api_key}"} if api_key else {},
+                      timeout=30)
+        data = r.json().get("data") or [{}]
+        return data[0].get("moe") if r.status_code == 200 and isinstance(data[0], dict) else None
+    except (httpx.HTTPError, ValueError, AttributeError):
+        return None
+
+
+def collect(endpoint, prompts: list[str], max_new_tokens: int = 64, top_k: int | None = None) -> list[Generation]:
+    """Ask `endpoint` (a `chimera.eval.endpoint.Endpoint`) for each prompt with `return_routed_experts` and
+    decode every answer's routing."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    endpoint.extra.setdefault("return_routed_experts", True)
+    with ThreadPoolExecutor(endpoint.workers) as pool:
+        bodies = list(pool.map(lambda p: endpoint.request(p, max_new_tokens), prompts))
+    out = []
+    for i, b in enumerate(bodies):
+        try:
+            out.append(parse_response(b, top_k))
+        except ChimeraError as e:
+            raise ChimeraError(f"endpoint {endpoint.url}, prompt {i + 1}: {e}") from None
+    return out
+
+
+def ftri_endpoint(url: str, model: str, target: list[str], contrast: list[str] | None, scorer, target_label,
+                  tokens: str, stat: str, max_new_tokens: int, api_key: str | None, num_experts: int | None,
+                  top_k: int | None, scorer_name: str | None = None):
+    """fTRI (like `chimera ftri`) from a server's routed experts: two prompt sets, or one set split by a scorer
+    on the server's own answers. Only the `count` statistic exists (engines return indices, not weights)."""
+    from chimera.eval.endpoint import Endpoint
+    from chimera.moe import ftri as F
+
+    if stat != "count":
+        raise ChimeraError("--stat weight needs routing weights, which servers don't return: use --stat count")
+    layout = served_layout(url, api_key) or {}
+    num_experts = num_experts or layout.get("num_experts")
+    top_k = top_k or layout.get("top_k")
+    ep = Endpoint(url, model=model or None, api_key=api_key)
+    meta = {"model": model, "endpoint": url}
+    try:
+        gt = collect(ep, target, max_new_tokens, top_k)
+        rt = to_routes(gt, num_experts, target)
+        if scorer is not None:
+            labels = F.label_responses(scorer, target, [g.text for g in gt])
+            goal = F.pick_target_label(labels, target_label)
+            return F.ftri_labelled(rt, labels, goal, stat=stat, tokens=tokens, meta={**meta, "scorer": scorer_name})
+        gc = collect(ep, contrast or [], max_new_tokens, top_k)
+        rc = to_routes(gc, num_experts or rt.num_experts, contrast)
+        if rc.layers != rt.layers:
+            raise ChimeraError(f"target and contrast answers route through different layers ({rt.layers} vs {rc.layers})")
+        if rc.num_experts != rt.num_experts:  # sized by the largest id seen: align both on the larger
+            E = max(rc.num_experts, rt.num_experts)
+            rt, rc = to_routes(gt, E, target), to_routes(gc, E, contrast)
+        return F.ftri_routes(rt, rc, stat=stat, tokens=tokens, meta=meta)
+    finally:
+        ep.close()
