@@ -84,7 +84,8 @@ class Server:
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         job = Job(ids, p.max_tokens, lambda kind, payload: loop.call_soon_threadsafe(q.put_nowait, (kind, payload)),
-                  temperature=p.temperature, seed=p.seed, stop=p.stop, switch=p.switch, want_routes=p.return_routes)
+                  temperature=p.temperature, seed=p.seed, stop=p.stop, switch=p.switch, want_routes=p.return_routes,
+                  ignore_eos=p.ignore_eos)
         try:
             self.engine.submit(job)
         except QueueFull as e:

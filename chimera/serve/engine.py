@@ -1,7 +1,7 @@
 """The generation engine behind `chimera serve`: one worker thread owns the model.
 
 Requests wait in one queue. The worker takes the oldest request and every other waiting request with the
-*same* expert switch (up to `max_batch`), applies that switch through `chimera.moe.switch.switched` (router
+*same* expert switch (up to `max_batch`; it waits up to `batch_window` seconds for a burst to arrive), applies that switch through `chimera.moe.switch.switched` (router
 bias or forward hooks: shared model state), runs one batched greedy/sampled decode with a KV cache, and
 restores the model before it looks at the queue again. Requests with different switches therefore never share
 a forward pass, even when they arrive at the same moment; requests with the same switch are batched.
@@ -54,6 +54,7 @@ class Job:
     stop: tuple[str, ...] = ()
     switch: Switch = Switch()
     want_routes: bool = False
+    ignore_eos: bool = False      # vLLM's `ignore_eos`: generate exactly max_tokens (benchmarks)
     created: float = field(default_factory=time.monotonic)
     cancelled: bool = False       # set by the server when the client went away: the row stops early
 
@@ -78,9 +79,12 @@ def _cache_kwarg(model) -> str:
 
 
 class Engine:
-    def __init__(self, model, tokenizer, max_batch: int = 8, max_queue: int = 64):
+    def __init__(self, model, tokenizer, max_batch: int = 8, max_queue: int = 64, batch_window: float = 0.02):
         self.model, self.tok = model, tokenizer
-        self.max_batch, self.max_queue = max_batch, max_queue
+        self.max_batch, self.max_queue, self.batch_window = max_batch, max_queue, batch_window
+        self._valid: set[Switch] = set()
+        self._running = 0
+        self._peak = (1, 0.0)   # most requests queued or running at once lately, and when
         self.device = next(model.parameters()).device
         gen = getattr(model, "generation_config", None)
         eos = gen.eos_token_id if gen is not None and gen.eos_token_id is not None else tokenizer.eos_token_id
@@ -99,14 +103,19 @@ class Engine:
     # ------------------------------------------------------------------------------------------ intake
     def check_switch(self, switch: Switch) -> None:
         """Raise ChimeraError (one line) for an unknown layer/expert or an impossible switch."""
-        if not switch.empty:
+        if not switch.empty and switch not in self._valid:
             plan(self.model, switch.off, switch.on, switch.mode)
+            if len(self._valid) < 4096:   # a switch is valid for good: remember it (a plan costs milliseconds)
+                self._valid.add(switch)
 
     def submit(self, job: Job) -> None:
         with self._cv:
             if len(self._jobs) >= self.max_queue:
                 raise QueueFull(f"{len(self._jobs)} requests already queued (limit {self.max_queue})")
             self._jobs.append(job)
+            busy, now = len(self._jobs) + self._running, time.monotonic()
+            if busy >= self._peak[0] or now - self._peak[1] > 2.0:
+                self._peak = (busy, now)
             self._cv.notify()
 
     @property
@@ -126,8 +135,17 @@ class Engine:
                 self._cv.wait()
             if self._stop:
                 return None
+            # concurrent clients' requests arrive a few milliseconds apart: when more requests were in flight at
+            # once lately than are queued now, wait up to `batch_window` for them to share one batch (a lone client
+            # never waits)
+            recent = time.monotonic() - self._peak[1] < 2.0
+            want = min(self.max_batch, self._peak[0] if recent else 1)
+            deadline = time.monotonic() + self.batch_window
+            while len(self._jobs) < want and not self._stop and (left := deadline - time.monotonic()) > 0:
+                self._cv.wait(left)
             key = self._jobs[0].switch
             batch = [j for j in self._jobs if j.switch == key][: self.max_batch]
+            self._running = len(batch)
             taken = {id(j) for j in batch}
             self._jobs = [j for j in self._jobs if id(j) not in taken]
             return batch
@@ -149,6 +167,8 @@ class Engine:
             except Exception as e:  # a failed batch fails its requests, never the server
                 for job in batch:
                     job.emit("error", e)
+            finally:
+                self._running = 0
 
     # ------------------------------------------------------------------------------------------ decoding
     @torch.no_grad()
@@ -191,7 +211,7 @@ class Engine:
                         continue
                     t = int(nxt[b])
                     out_ids[b].append(t)
-                    if t in self.eos_ids:
+                    if t in self.eos_ids and not j.ignore_eos:
                         finish[b] = "stop"
                     else:
                         texts[b] = self.tok.decode(out_ids[b], skip_special_tokens=True)

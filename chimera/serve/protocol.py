@@ -5,6 +5,7 @@ Only what changes the generation is read (`messages`/`prompt`, `max_tokens`/`max
 
     "experts": {"off": ["2:14", "3:23"], "on": [], "mode": "replace"}   # a per-request MoTE switch
     "return_routed_experts": true                                      # vLLM's `routed_experts` per choice
+    "ignore_eos": true                                                 # vLLM's: always max_tokens tokens
 
 Other OpenAI fields are accepted and ignored. Every problem is an `ApiError`, answered in OpenAI's error shape
 `{"error": {"message", "type", "param", "code"}}` with a 4xx status.
@@ -46,6 +47,7 @@ class GenParams:
     include_usage: bool = False
     switch: Switch = field(default_factory=Switch)
     return_routes: bool = False
+    ignore_eos: bool = False
 
 
 def _int(body: dict, key: str, lo: int, hi: int) -> int | None:
@@ -119,12 +121,13 @@ def parse_params(body: dict, default_max_tokens: int, limit_max_tokens: int) -> 
     so = body.get("stream_options") or {}
     if not isinstance(so, dict):
         raise bad("'stream_options' must be an object", "stream_options")
-    rr = body.get("return_routed_experts", False)
-    if not isinstance(rr, bool):
-        raise bad("'return_routed_experts' must be a boolean", "return_routed_experts")
+    rr, ie = body.get("return_routed_experts", False), body.get("ignore_eos", False)
+    if not isinstance(rr, bool) or not isinstance(ie, bool):
+        raise bad("'return_routed_experts' and 'ignore_eos' must be booleans", "return_routed_experts")
     return GenParams(max_tokens=mt or default_max_tokens, temperature=float(temp),
                      seed=seed, stop=tuple(s for s in stop if s), stream=stream,
-                     include_usage=bool(so.get("include_usage")), switch=parse_switch(body), return_routes=rr)
+                     include_usage=bool(so.get("include_usage")), switch=parse_switch(body), return_routes=rr,
+                     ignore_eos=ie)
 
 
 def parse_messages(body: dict) -> list[dict]:
