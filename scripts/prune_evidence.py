@@ -4,7 +4,7 @@
 
 1. Calibration: the model's own greedy answers to *train-split* prompts (topic questions and column additions,
    never the held-out suites), teacher-forced through the model with expert output norms recorded
-   (`chimera.moe.prune.capture_scores`): REAP saliency and selection frequency per expert.
+   (`chimera.moe.prune.capture_routes`): REAP saliency and selection frequency per expert.
 2. For each fraction (25%, 50%) and method (REAP, frequency, random x `--draws` seeds) keep the best experts of
    every group (group-limited routing stays valid) and write a pruned checkpoint with `prune_checkpoint`.
 3. Evaluate every checkpoint on the held-out suites with the eval harness: arithmetic accuracy, `<think>` rate,
@@ -131,9 +131,10 @@ def main() -> None:
     log(f"{args.model}: {len(layout.decoder_moe)} MoE layers x {E} experts, n_group {layout.n_group}; "
         f"calibration on {len(cal)} train-split prompts")
     model, tok = harness.load(src)
-    reap = P.capture_scores(model, tok, cal, "reap", max_new_tokens=96)
-    freq = P.capture_scores(model, tok, cal, "frequency", max_new_tokens=96)
+    routes = P.capture_routes(model, tok, cal, max_new_tokens=96, batch_size=args.batch)
+    reap, freq = P.scores_from_routes(routes, "reap"), P.scores_from_routes(routes, "frequency")
     del model
+    log(f"captured {int(sum(routes.tokens[k].sum() for k in routes.tokens))} tokens")
 
     rows = [{"method": "none", "pruned": "0%", "fraction": 0.0, **measure(src, arith, sens, args.max_new_tokens,
                                                                          args.batch)}]

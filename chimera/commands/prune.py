@@ -53,7 +53,7 @@ def _prune(model: str = typer.Argument(..., help="checkpoint directory or bundle
 
             texts = load_prompts(prompts)
             m, tok = load_model(str(src))
-            scores = P.capture_scores(m, tok, texts, by, max_new_tokens, batch_size)
+            scores = P.scores_from_routes(P.capture_routes(m, tok, texts, max_new_tokens, batch_size), by)
         else:
             raise ChimeraError(f"unknown --by {by!r} (one of {', '.join(BY)})")
         keep = P.select_keep(scores, keep_per_layer, layout.n_group)

@@ -283,14 +283,17 @@ def scores_from_ftri(path: str | os.PathLike, layout: Layout) -> dict[int, np.nd
     return {int(L): -diff[j] for j, L in enumerate(layers)}
 
 
-def capture_scores(model, tokenizer, prompts: list[str], by: str, max_new_tokens: int = 64,
-                   batch_size: int = 8) -> dict[int, np.ndarray]:
-    """Saliency per MoE layer from a capture run: the model's greedy responses to `prompts` (calibration text
-    shaped like its use), teacher-forced with the prompts; every token counts (`by`: reap | frequency)."""
+def capture_routes(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, batch_size: int = 8):
+    """A capture run for pruning: the model's greedy responses to `prompts` (calibration text shaped like its
+    use), teacher-forced with the prompts, routing and expert output norms recorded on every token."""
     from chimera.moe.capture import route_texts
     from chimera.moe.ftri import generate_responses
 
     responses = generate_responses(model, tokenizer, prompts, max_new_tokens, batch_size) if max_new_tokens else None
-    routes = route_texts(model, tokenizer, prompts, responses, batch_size=batch_size, norms=by == "reap")
+    return route_texts(model, tokenizer, prompts, responses, batch_size=batch_size, norms=True)
+
+
+def scores_from_routes(routes, by: str) -> dict[int, np.ndarray]:
+    """Saliency per MoE layer (`by`: reap | frequency) over all tokens of a capture run."""
     s = routes.saliency(by)
     return {L: s[j] for j, L in enumerate(routes.layers)}

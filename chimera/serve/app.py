@@ -137,30 +137,38 @@ class Server:
         job, q = self._submit(ids, p)
         rid, created = new_id("chatcmpl"), now()
         if p.stream:
-            return StreamingResponse(self._stream_chat(rid, created, p, job, q), media_type="text/event-stream")
+            return StreamingResponse(self._stream(rid, created, p, job, q, chat=True), media_type="text/event-stream")
         r = await self._result(q)
         choice = {"index": 0, "message": {"role": "assistant", "content": r.text},
                   "finish_reason": r.finish_reason, "logprobs": None, **self._choice_extra(r)}
         return JSONResponse({"id": rid, "object": "chat.completion", "created": created, "model": self.name,
                              "choices": [choice], "usage": usage(r.prompt_tokens, len(r.token_ids))})
 
-    async def _stream_chat(self, rid, created, p: GenParams, job: Job, q: asyncio.Queue):
+    async def _stream(self, rid: str, created: int, p: GenParams, job: Job, q: asyncio.Queue, chat: bool):
+        """SSE chunks in OpenAI's format: `chat.completion.chunk` deltas, or `text_completion` texts."""
+        obj = "chat.completion.chunk" if chat else "text_completion"
+
         def chunk(choices, **extra):
-            return _sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.name,
-                         "choices": choices, **extra})
+            return _sse({"id": rid, "object": obj, "created": created, "model": self.name, "choices": choices,
+                         **extra})
+
+        def choice(text, finish=None, **extra):
+            body = {"delta": ({"content": text} if text else {})} if chat else {"text": text, "logprobs": None}
+            return {"index": 0, **body, "finish_reason": finish, **extra}
 
         try:
-            yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+            if chat:
+                yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
             while True:
                 kind, payload = await q.get()
                 if kind == "delta":
-                    yield chunk([{"index": 0, "delta": {"content": payload}, "finish_reason": None}])
+                    yield chunk([choice(payload)])
                 elif kind == "error":
                     yield _sse(_internal(payload).body())
                     break
                 else:
                     r: Result = payload
-                    yield chunk([{"index": 0, "delta": {}, "finish_reason": r.finish_reason, **self._choice_extra(r)}])
+                    yield chunk([choice("", r.finish_reason, **self._choice_extra(r))])
                     if p.include_usage:
                         yield chunk([], usage=usage(r.prompt_tokens, len(r.token_ids)))
                     break
@@ -184,7 +192,8 @@ class Server:
         rid, created = new_id("cmpl"), now()
         if p.stream:
             job, q = self._submit(prompts[0], p)
-            return StreamingResponse(self._stream_completion(rid, created, p, job, q), media_type="text/event-stream")
+            return StreamingResponse(self._stream(rid, created, p, job, q, chat=False),
+                                     media_type="text/event-stream")
         if len(prompts) + self.engine.queued > self.engine.max_queue:
             raise ApiError(429, "server busy: too many queued requests; retry later", "rate_limit_exceeded",
                            code="queue_full")
@@ -195,30 +204,6 @@ class Server:
         return JSONResponse({"id": rid, "object": "text_completion", "created": created, "model": self.name,
                              "choices": choices, "usage": usage(sum(r.prompt_tokens for r in results),
                                                                 sum(len(r.token_ids) for r in results))})
-
-    async def _stream_completion(self, rid, created, p: GenParams, job: Job, q: asyncio.Queue):
-        def chunk(choices, **extra):
-            return _sse({"id": rid, "object": "text_completion", "created": created, "model": self.name,
-                         "choices": choices, **extra})
-
-        try:
-            while True:
-                kind, payload = await q.get()
-                if kind == "delta":
-                    yield chunk([{"index": 0, "text": payload, "finish_reason": None, "logprobs": None}])
-                elif kind == "error":
-                    yield _sse(_internal(payload).body())
-                    break
-                else:
-                    r: Result = payload
-                    yield chunk([{"index": 0, "text": "", "finish_reason": r.finish_reason, "logprobs": None,
-                                  **self._choice_extra(r)}])
-                    if p.include_usage:
-                        yield chunk([], usage=usage(r.prompt_tokens, len(r.token_ids)))
-                    break
-            yield "data: [DONE]\n\n"
-        finally:
-            job.cancelled = True
 
 
 def _sse(obj: dict) -> str:
