@@ -66,6 +66,10 @@ def test_openai_client_matches_in_process_generation(client, local):
     short = client.chat.completions.create(model="tiny-r1", messages=[{"role": "user", "content": PROMPTS[0]}],
                                            max_tokens=5)
     assert short.choices[0].finish_reason == "length" and short.usage.completion_tokens == 5
+    sampled = [client.chat.completions.create(model="tiny-r1", messages=[{"role": "user", "content": PROMPTS[1]}],
+                                              max_tokens=24, temperature=1.5, seed=3).choices[0].message.content
+               for _ in range(2)]
+    assert sampled[0] == sampled[1]  # a seed makes sampling reproducible
 
 
 def test_streaming_chunks_add_up_to_the_full_answer(client):
