@@ -21,15 +21,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def env() -> dict:
-    return dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+def env(**extra: str) -> dict:
+    return dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", **extra)
 
 
 class Served:
-    def __init__(self, argv: list[str], port: int, probe: str, headers: dict | None = None, timeout: float = 120):
+    def __init__(self, argv: list[str], port: int, probe: str, headers: dict | None = None, timeout: float = 120,
+                 extra_env: dict | None = None):
         self.url = f"http://127.0.0.1:{port}"
         self.log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"served-{port}.log", "w+")
-        self.proc = subprocess.Popen(argv, cwd=ROOT, env=env(), stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(argv, cwd=ROOT, env=env(**(extra_env or {})), stdout=self.log,
+                                     stderr=subprocess.STDOUT)
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -53,7 +55,7 @@ class Served:
         self.log.close()
 
 
-def chimera_serve(model: str = "tiny-r1", *args: str) -> Served:
+def chimera_serve(model: str = "tiny-r1", *args: str, extra_env: dict | None = None) -> Served:
     port = free_port()
     argv = [sys.executable, "-m", "chimera", "serve", model, "--port", str(port), "--api-key", API_KEY, *args]
-    return Served(argv, port, "/health")
+    return Served(argv, port, "/health", extra_env=extra_env)
