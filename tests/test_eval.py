@@ -91,7 +91,19 @@ def test_wilson_and_bootstrap():
     s = stats.summary([1, 2, 3, 4, 5, 6, 7, 8, 9, 10])
     assert s["value"] == 5.5 and s["lo"] < 5.5 < s["hi"]
     assert stats.quantile([1, 2, 3, 4, 5, 6, 7, 8, 9, 10], 0.9) == pytest.approx(9.1)
-    assert stats.bootstrap([1.0, 2.0, 3.0], seed=1) == stats.bootstrap([1.0, 2.0, 3.0], seed=1)
+    lo, hi = stats.bootstrap([float(x) for x in range(20)], seed=1)
+    assert lo < 9.5 < hi
+
+
+def test_bootstrap_is_deterministic_across_processes():
+    import os
+    import subprocess
+
+    code = "from chimera.eval import stats; print(stats.bootstrap([float(x * x % 7) for x in range(30)], seed=3))"
+    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONHASHSEED": seed}).stdout.strip() for seed in ("1", "2")}
+    assert len(outs) == 1
+    assert eval(next(iter(outs))) == stats.bootstrap([float(x * x % 7) for x in range(30)], seed=3)
 
 
 # ------------------------------------------------------------------ suites
@@ -106,6 +118,21 @@ def test_builtin_suites_load():
     assert suites.resolve("all") == list(suites.BUILTIN)
     sample = suites.sample(arith, 30)
     assert len(sample) == 30 and {it["split"] for it in sample} == {"easy", "hard"}
+
+
+def test_sample_takes_every_split_in_proportion_with_a_floor():
+    from collections import Counter
+
+    sens = suites.load("sensitive")  # 14 sensitive, 62 benign
+    got = Counter(it["split"] for it in suites.sample(sens, 20))
+    assert got == {"sensitive": 5, "benign": 15}  # proportional would give 3.7 sensitive: the floor is 5
+    assert Counter(it["split"] for it in suites.sample(sens, 60)) == {"sensitive": 11, "benign": 49}
+    assert Counter(it["split"] for it in suites.sample(sens, 6)) == {"sensitive": 3, "benign": 3}
+    items = [{"prompt": str(i), "split": "a" if i < 3 else "b"} for i in range(50)]  # split a has only 3
+    got = suites.sample(items, 10)
+    assert Counter(it["split"] for it in got) == {"a": 3, "b": 7} and len({it["prompt"] for it in got}) == 10
+    assert [it["prompt"] for it in got] == sorted((it["prompt"] for it in got), key=int)  # file order kept
+    assert suites.allocate(3, {"x": 100, "y": 100, "z": 100}) == {"x": 1, "y": 1, "z": 1}
 
 
 def test_suite_errors(tmp_path):
@@ -289,4 +316,4 @@ def test_generate_with_experts_switched_off(monkeypatch, capsys):
     cli.main()
     assert capsys.readouterr().out.strip()
     code, _, err = _cli(monkeypatch, capsys, "generate", "tiny-r1", "x", "--off", "1:0", "--mode", "sideways")
-    assert code == 2 and "--mode must be replace or drop" in err
+    assert code == 2 and "--mode must be replace | drop" in err

@@ -1,5 +1,4 @@
 """Assembly-of-Experts merges on real safetensors checkpoints written by the tests."""
-import hashlib
 import json
 import subprocess
 import sys
@@ -10,22 +9,13 @@ import torch
 import yaml
 
 import ckpt
+from ckpt import recipe, sha_dir
 from chimera.checkpoint.arch import classify
 from chimera.merge import build_plan, merge
 from chimera.merge.recipe import load
 from chimera.merge.report import plan_report
 
 SCALE = ".weight_scale_inv"
-
-
-def recipe(tmp: Path, d: dict, name: str = "recipe.yaml") -> Path:
-    p = tmp / name
-    p.write_text(yaml.safe_dump(d, sort_keys=False))
-    return p
-
-
-def sha_dir(path: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.iterdir()) if p.is_file()}
 
 
 def r1t(a: Path, b: Path, **extra) -> dict:
@@ -61,7 +51,9 @@ def test_r1t_selection_is_byte_exact(ds_pair, tmp_path):
     assert json.loads((out / "config.json").read_text()) == cfg
     assert (out / "tokenizer_config.json").read_bytes() == (a / "tokenizer_config.json").read_bytes()
     card = (out / "README.md").read_text()
-    assert "base_model_relation: merge" in card and str(a) in card and str(b) in card
+    meta = yaml.safe_load(card.split("---")[1])
+    assert meta["base_model"] == [a.name, b.name] and meta["base_model_relation"] == "merge"
+    assert str(a.parent) not in card  # parents by name, never a local path
     assert yaml.safe_load((out / "chimera_recipe.yaml").read_text())["base"] == "v3"
     assert (sha_dir(a), sha_dir(b)) == before  # parents untouched
 
@@ -153,7 +145,7 @@ def test_r1t_fp8_child_converts_and_loads(ds_pair, tmp_path):
     """FP8 child -> our exact bf16 conversion -> transformers loads it, logits match the parents' mix."""
     a, b, *_ = ds_pair
     merge(recipe(tmp_path, r1t(a, b)), tmp_path / "child")
-    from chimera.checkpoint.convert import convert
+    from chimera.merge.convert import convert
 
     convert(tmp_path / "child", tmp_path / "child-bf16", "bfloat16")
     from transformers import AutoModelForCausalLM

@@ -25,13 +25,18 @@ def _prune(model: str = typer.Argument(..., help="checkpoint directory or bundle
            drop_mtp: bool = typer.Option(False, "--drop-mtp", help="remove DeepSeek's MTP layer (no statistics for it)")
            ) -> None:
     """Remove routed experts: their tensors (renumbered), router rows and bias entries, the config's count."""
-    from chimera.commands.moe import load_model, resolve_model_path
     from chimera.checkpoint.files import Checkpoint
+    from chimera.commands import ui
+    from chimera.commands.moe import load_model
     from chimera.moe import prune as P
+    from chimera.resolve import resolve_model
 
-    src = resolve_model_path(model)
+    src = resolve_model(model)
     if (drop is None) == (keep_per_layer is None):
         raise ChimeraError("give either --drop SPEC or --keep-per-layer N --by METHOD")
+    ui.positive(keep_per_layer, "--keep-per-layer")
+    ui.positive(batch_size, "--batch-size")
+    ui.output_dir(output, "-o")
     layout = P.read_layout(Checkpoint(src))
     record: dict = {}
     if drop is not None:

@@ -2,7 +2,7 @@
 
 chimera's schema:
 
-    parents: {v3: /ckpt/DeepSeek-V3-0324, r1: /ckpt/DeepSeek-R1}
+    parents: {v3: /ckpt/DeepSeek-V3-0324, r1: /ckpt/DeepSeek-R1}   # directories or bundled names (tiny-r1)
     base: v3
     weights:                      # per tensor class: {parent: lambda}, lambdas >= 0 summing to 1
       default: {v3: 1.0}
@@ -11,6 +11,7 @@ chimera's schema:
     overrides: [{match: "model.layers.61.*", weights: {v3: 1.0}}]   # optional, first match wins
     output: {dtype: keep, shard_size: 5GB}
     normalize: false              # optional: rescale lambdas that do not sum to 1
+    use_base_config: [quantization_config, num_experts_per_tok]   # optional, see AGREE_KEYS
 """
 from __future__ import annotations
 
@@ -24,9 +25,17 @@ import yaml
 
 from chimera.checkpoint.arch import CLASSES
 from chimera.errors import ChimeraError
+from chimera.resolve import resolve_model
 
 METRICS = ("relative", "symmetric", "rms")
 OUT_DTYPES = ("keep", "bfloat16", "float32", "float8")
+#: config keys every parent must share (a merge assumes one quantization format and one routing rule).
+#: Where parents differ, `use_base_config: [key, ...]` lets the child take the base's value: for
+#: `quantization_config` every tensor stored in another format is then converted to the base's
+#: (op `cast`: dequantized and re-quantized with the base's block size and scale format).
+ROUTING_KEYS = ("n_routed_experts", "num_experts_per_tok", "n_group", "topk_group", "scoring_func",
+                "topk_method", "norm_topk_prob", "routed_scaling_factor")
+AGREE_KEYS = ("quantization_config",) + ROUTING_KEYS
 
 
 @dataclass(frozen=True)
@@ -46,6 +55,9 @@ class Threshold:
 
 @dataclass
 class Recipe:
+    """A validated recipe. Build one with `Recipe.load(path)` or `Recipe.from_dict({...})` (which check
+    every field), or directly; parents may be directories or bundled model names either way."""
+
     parents: dict[str, Path]
     base: str
     weights: dict[str, dict[str, float]]  # class (or "default") -> {parent: lambda}
@@ -53,7 +65,20 @@ class Recipe:
     overrides: list[Override] = field(default_factory=list)
     dtype: str = "keep"
     shard_size: int = 5 * 10**9
+    use_base_config: tuple[str, ...] = ()  # AGREE_KEYS where parents may differ (the child takes the base's)
     source: str = ""  # the recipe text as given, copied into the output
+    lineage: dict | None = None  # set by `chimera convert`: the source's name and merge record (merge.convert)
+
+    def __post_init__(self) -> None:
+        self.parents = {str(k): resolve_model(v, strict=False) for k, v in self.parents.items()}
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Recipe":
+        return load(path)
+
+    @classmethod
+    def from_dict(cls, d: dict, root: str | Path | None = None) -> "Recipe":
+        return from_dict(d, "recipe", Path(root) if root is not None else None)
 
     def lambdas(self, name: str, cls: str | None) -> dict[str, float] | None:
         """The lambda vector for one tensor: first matching override, else its class, else default."""
@@ -72,6 +97,8 @@ class Recipe:
         if self.overrides:
             d["overrides"] = [{"match": o.match, "weights": o.weights} for o in self.overrides]
         d["output"] = {"dtype": self.dtype, "shard_size": self.shard_size}
+        if self.use_base_config:
+            d["use_base_config"] = list(self.use_base_config)
         return d
 
 
@@ -117,7 +144,7 @@ def from_dict(d: dict, where: str = "recipe", root: Path | None = None) -> Recip
         raise ChimeraError(f"{where}: a recipe is a YAML mapping")
     if "merge_method" in d or "models" in d:
         return from_mergekit(d, where, root)
-    known = {"parents", "base", "weights", "threshold", "overrides", "output", "normalize"}
+    known = {"parents", "base", "weights", "threshold", "overrides", "output", "normalize", "use_base_config"}
     extra = set(d) - known
     if extra:
         raise ChimeraError(f"{where}: unknown key(s) {', '.join(sorted(extra))} (known: {', '.join(sorted(known))})")
@@ -125,7 +152,7 @@ def from_dict(d: dict, where: str = "recipe", root: Path | None = None) -> Recip
     if not isinstance(parents_raw, dict) or len(parents_raw) < 1:
         raise ChimeraError(f"{where}: `parents` must map names to checkpoint directories")
     root = root or Path.cwd()
-    parents = {str(k): (root / str(v)).resolve() if not Path(str(v)).is_absolute() else Path(str(v))
+    parents = {str(k): resolve_model(str(v), root, strict=False, where=f"{where}: parents.{k}")
                for k, v in parents_raw.items()}
     base = str(d.get("base", next(iter(parents))))
     if base not in parents:
@@ -165,7 +192,10 @@ def from_dict(d: dict, where: str = "recipe", root: Path | None = None) -> Recip
     if dtype not in OUT_DTYPES:
         raise ChimeraError(f"{where}: output.dtype {dtype!r} unknown (one of {', '.join(OUT_DTYPES)})")
     shard_size = parse_size(out.get("shard_size", "5GB"), f"{where}: output")
-    return Recipe(parents, base, weights, threshold, overrides, dtype, shard_size)
+    ubc = d.get("use_base_config") or []
+    if not isinstance(ubc, list) or any(k not in AGREE_KEYS for k in ubc):
+        raise ChimeraError(f"{where}: use_base_config must list config keys from: {', '.join(AGREE_KEYS)}")
+    return Recipe(parents, base, weights, threshold, overrides, dtype, shard_size, tuple(ubc))
 
 
 def from_mergekit(d: dict, where: str = "recipe", root: Path | None = None) -> Recipe:
@@ -188,7 +218,7 @@ def from_mergekit(d: dict, where: str = "recipe", root: Path | None = None) -> R
         path = m.get("model") if isinstance(m, dict) else None
         if not isinstance(path, str):
             raise ChimeraError(f"{where}: models[{i}].model must be a local directory path")
-        p = Path(path) if Path(path).is_absolute() else (root / path).resolve()
+        p = resolve_model(path, root, strict=False, where=f"{where}: models[{i}]")
         name = p.name or f"model{i}"
         while name in parents:
             name += "_"
@@ -201,7 +231,7 @@ def from_mergekit(d: dict, where: str = "recipe", root: Path | None = None) -> R
     base_path = d.get("base_model")
     base = next(iter(parents))
     if base_path is not None:
-        bp = Path(base_path) if Path(base_path).is_absolute() else (root / base_path).resolve()
+        bp = resolve_model(str(base_path), root, strict=False, where=f"{where}: base_model")
         matches = [n for n, p in parents.items() if p == bp]
         if not matches:
             raise ChimeraError(f"{where}: base_model {base_path} is not one of the models")

@@ -204,10 +204,12 @@ def _device(model: nn.Module) -> torch.device:
 
 @torch.no_grad()
 def record_routes(model: nn.Module, sequences: Sequence[Sequence[int]], n_prompt_tokens: Sequence[int] | None = None,
-                  batch_size: int = 8, pad_id: int = 0, norms: bool = False) -> Routes:
+                  batch_size: int = 8, pad_id: int = 0, on_batch: Callable[[int], None] | None = None,
+                  norms: bool = False) -> Routes:
     """Route token-id sequences through `model` (right-padded batches, one forward pass each) and aggregate
     per sequence. `n_prompt_tokens[i]` splits sequence i into prompt tokens and response tokens; without it,
-    every token is a prompt token. `norms=True` also sums g * ||E(x)||_2 per expert (`Routes.reap`)."""
+    every token is a prompt token. `on_batch(k)` is called after each batch of k sequences (progress).
+    `norms=True` also sums g * ||E(x)||_2 per expert (`Routes.reap`)."""
     if len(sequences) == 0:
         raise ChimeraError("no prompts to route")
     rec = RoutingRecorder(model, norms=norms)
@@ -254,6 +256,8 @@ def record_routes(model: nn.Module, sequences: Sequence[Sequence[int]], n_prompt
                         gn = weights.cpu().double() * got_norms[L].cpu().double()   # [N, k]: g * ||E(x)||
                         reap[kname][rows, j] = aggregate(index.cpu(), gn, group.reshape(-1), len(ids_b), E,
                                                          exact=True)[1]
+            if on_batch:
+                on_batch(len(ids_b))
     r = Routes(layers=rec.layer_ids, num_experts=E)
     for k in kinds:
         r.counts[k] = counts[k].numpy()
@@ -295,7 +299,8 @@ def _encode(tokenizer, text: str, special: bool) -> list[int]:
 
 
 def route_texts(model: nn.Module, tokenizer, prompts: Sequence[str], responses: Sequence[str] | None = None,
-                batch_size: int = 8, format: Callable[[str], str] | None = None, norms: bool = False) -> Routes:
+                batch_size: int = 8, format: Callable[[str], str] | None = None,
+                on_batch: Callable[[int], None] | None = None, norms: bool = False) -> Routes:
     """Tokenize (formatted) prompts, optionally followed by their responses, and record routing statistics."""
     if len(prompts) == 0:
         raise ChimeraError("no prompts to route")
@@ -312,6 +317,6 @@ def route_texts(model: nn.Module, tokenizer, prompts: Sequence[str], responses: 
         seqs.append(ids)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     r = record_routes(model, seqs, cuts if responses is not None else None, batch_size=batch_size, pad_id=pad,
-                      norms=norms)
+                      on_batch=on_batch, norms=norms)
     r.texts = list(prompts)
     return r

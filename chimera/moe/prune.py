@@ -63,7 +63,8 @@ def read_layout(ck: Checkpoint) -> Layout:
     A = arch.of(cfg)
     roles: dict[str, arch.Role] = {}
     experts: dict[int, int] = {}
-    for name, info in ck.logical().items():
+    for name, stored in ck.logical().items():
+        info = stored.weight
         r = A.role(name)
         if r is None:
             if _EXPERT_IN_NAME.search(name):
@@ -249,9 +250,8 @@ def prune_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, keep: dict[
             shards[fname] = slots
         if (ck.path / INDEX).is_file():
             write_index(tmp, shards)
-        for f in ck.path.iterdir():     # tokenizer, generation config, chat template, README, ...
-            if f.is_file() and not f.name.endswith(".safetensors") and f.name not in ("config.json", INDEX, RECORD):
-                shutil.copy2(f, tmp / f.name)
+        for f in ck.side_files(skip={"config.json", RECORD}):  # tokenizer, generation config, chat template, ...
+            shutil.copy2(f, tmp / f.name)
         write_json_atomic(tmp / "config.json", p.config)
         summary = {"source": str(src), "n_experts_before": next(iter(layout.experts.values())),
                    "n_experts_after": p.n_experts, "notes": p.notes,
