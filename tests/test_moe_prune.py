@@ -129,7 +129,7 @@ def test_fp8_sharded_checkpoint_bytes_and_mtp(ds_pair, tmp_path):
     c = ckpt.raw(tmp_path / "mtp")
     assert c["model.layers.3.mlp.experts.0.down_proj.weight"] == a["model.layers.3.mlp.experts.1.down_proj.weight"]
     # the pruned FP8 checkpoint dequantizes (chimera convert, as the harness does on CPU), loads and runs
-    from chimera.checkpoint.convert import convert
+    from chimera.merge.convert import convert
 
     convert(tmp_path / "out", tmp_path / "bf16", dtype="bfloat16")
     m = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "bf16").eval()
