@@ -15,7 +15,8 @@ import os
 from pathlib import Path
 
 from chimera.errors import ChimeraError
-from chimera.merge.execute import REPORT, MergeResult, run_merge
+from chimera.merge.execute import MergeResult, run_merge
+from chimera.merge.output import REPORT
 from chimera.merge.plan import build_plan
 from chimera.merge.recipe import Recipe
 from chimera.resolve import model_name, resolve_model
