@@ -226,3 +226,22 @@ def test_cli_prune_by_reap_on_the_bundled_model(tmp_path):
                                       add_generation_prompt=True), return_tensors="pt", add_special_tokens=False)
     out = m.generate(**enc, max_new_tokens=30, do_sample=False)
     assert "5" in tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def test_expert_axis_other_than_zero_is_gathered(tmp_path):
+    """A router stored [hidden, E] (expert axis 1) keeps the right columns, bytes as stored (bf16)."""
+    from safetensors.torch import load_file, save_file
+
+    from chimera.checkpoint.files import read_header
+    from chimera.checkpoint.writer import ShardFile, Slot
+    from chimera.moe.prune import _Part, _write
+
+    t = torch.randn(3, 7, dtype=torch.float32).to(torch.bfloat16)
+    save_file({"r": t}, str(tmp_path / "a.safetensors"))
+    info = read_header(tmp_path / "a.safetensors")["r"]
+    part = _Part("r", info, axis=1, keep=[0, 2, 6])
+    out = ShardFile(tmp_path / "b.safetensors", [Slot("r", info.dtype, part.shape)])
+    _write(out, part)
+    out.commit()
+    got = load_file(str(tmp_path / "b.safetensors"))["r"]
+    assert got.dtype == torch.bfloat16 and torch.equal(got, t[:, [0, 2, 6]])

@@ -110,6 +110,12 @@ class Role:
     fused: bool = False
 
 
+@dataclass(frozen=True)
+class RouterTensor:
+    name: str                     # logical on-disk tensor
+    axis: int | None              # the axis indexing experts; None: values are expert ids (a token table)
+
+
 class _Tables:
     """Roles of on-disk names for one config, from the tables above."""
 
@@ -125,9 +131,21 @@ class _Tables:
         expert = int(em.group(1)) if em and cls == "routed_experts" else None
         return Role(cls, int(lm.group(1)) if lm else None, expert, cls == "routed_experts" and expert is None)
 
+    def num_experts(self, layer: int) -> int:
+        """Routed experts of an MoE layer: every table above has one count for all layers in config.json."""
+        keys = expert_count_keys(self.config)
+        if not keys:
+            raise ChimeraError(f"config.json: no expert count ({', '.join(EXPERT_COUNT_KEYS)})")
+        return int(self.config[keys[0]])
+
+    def router_tensors(self, names, layer: int) -> list[RouterTensor]:
+        """The router tensors of `layer` with the axis that indexes experts (axis 0 for every table above)."""
+        return [RouterTensor(n, 0) for n in names if (r := self.role(n)) and r.cls == "router" and r.layer == layer]
+
 
 def of(config: dict) -> _Tables:
-    """Architecture knowledge for a config.json mapping: `.role(name)` and `.n_layers`."""
+    """Architecture knowledge for a config.json mapping: `.role(name)`, `.num_experts(layer)`,
+    `.router_tensors(names, layer)`, `.n_layers`."""
     return _Tables(config)
 
 

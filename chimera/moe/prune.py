@@ -28,9 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from chimera.checkpoint import arch
-from chimera.checkpoint.files import INDEX, SCALE_SUFFIX, Checkpoint, TensorInfo
+from chimera.checkpoint.files import INDEX, Checkpoint, TensorInfo, read_tensor
 from chimera.checkpoint.writer import ShardFile, Slot, write_index, write_json_atomic
 from chimera.errors import ChimeraError
 
@@ -40,7 +41,7 @@ _EXPERT_IN_NAME = re.compile(r"(?:^|\.)experts\.(\d+)\.")
 
 @dataclass
 class Layout:
-    """The MoE structure of a checkpoint read from its tensors: {layer: E}, the MTP layers, groups."""
+    """The MoE structure of a checkpoint: {layer: E}, the MTP layers, groups, and what each logical tensor is."""
 
     experts: dict[int, int]                      # MoE layer (decoder or MTP) -> number of routed experts
     n_layers: int                                # decoder layers (MTP layers have index >= n_layers)
@@ -48,6 +49,7 @@ class Layout:
     n_group: int = 1
     topk_group: int = 1
     roles: dict[str, arch.Role] = field(default_factory=dict, repr=False)
+    router_axis: dict[str, int] = field(default_factory=dict, repr=False)   # router tensor -> its expert axis
 
     @property
     def decoder_moe(self) -> list[int]:
@@ -59,28 +61,40 @@ class Layout:
 
 
 def read_layout(ck: Checkpoint) -> Layout:
+    """Roles of every logical tensor, the MoE layers and their expert counts, from the architecture API
+    (`chimera.checkpoint.arch`: role, num_experts, router_tensors): no architecture knowledge here."""
     cfg = ck.config
     A = arch.of(cfg)
+    stored = ck.logical()
     roles: dict[str, arch.Role] = {}
-    experts: dict[int, int] = {}
-    for name, stored in ck.logical().items():
-        info = stored.weight
+    by_layer: dict[int, list[str]] = {}
+    for name, st in stored.items():
         r = A.role(name)
         if r is None:
             if _EXPERT_IN_NAME.search(name):
-                raise ChimeraError(f"{info.file}: tensor {name} looks like a routed expert but the "
+                raise ChimeraError(f"{st.file}: tensor {name} looks like a routed expert but the "
                                    f"{ck.model_type} architecture has no rule for it")
             continue
         roles[name] = r
-        if r.cls == "router" and len(info.shape) == 2 and r.layer is not None:
-            experts[r.layer] = int(info.shape[0])
-    if not experts:
-        raise ChimeraError(f"{ck.path}: no MoE router found ({ck.model_type}): nothing to prune")
-    keys = arch.expert_count_keys(cfg)
-    if not keys:
+        if r.cls in ("router", "routed_experts") and r.layer is not None:
+            by_layer.setdefault(r.layer, []).append(name)
+    if not by_layer:
+        raise ChimeraError(f"{ck.path}: no routed experts found ({ck.model_type}): nothing to prune")
+    experts, router_axis = {}, {}
+    for L, names in sorted(by_layer.items()):
+        E = experts[L] = int(A.num_experts(L))
+        for rt in A.router_tensors(names, L):
+            st = stored[rt.name]
+            if rt.axis is None:
+                raise ChimeraError(f"{st.file}: router tensor {rt.name} holds expert ids (a token table): pruning "
+                                   f"layer {L} would need them renumbered, which is not supported")
+            if st.shape[rt.axis] != E:
+                raise ChimeraError(f"{st.file}: router tensor {rt.name} {list(st.shape)} has no axis of {E} experts")
+            router_axis[rt.name] = rt.axis
+    if not arch.expert_count_keys(cfg):
         raise ChimeraError(f"{ck.path / 'config.json'}: no expert-count key ({', '.join(arch.EXPERT_COUNT_KEYS)})")
     return Layout(experts, int(cfg.get("num_hidden_layers", 0)), int(cfg.get("num_experts_per_tok", 1)),
-                  int(cfg.get("n_group") or 1), int(cfg.get("topk_group") or 1), roles)
+                  int(cfg.get("n_group") or 1), int(cfg.get("topk_group") or 1), roles, router_axis)
 
 
 # ------------------------------------------------------------------------------------------- selection
@@ -136,8 +150,9 @@ class PrunePlan:
     notes: list[str] = field(default_factory=list)
 
 
-def plan_prune(ck: Checkpoint, keep: dict[int, list[int]], drop_mtp: bool = False) -> PrunePlan:
-    layout = read_layout(ck)
+def plan_prune(ck: Checkpoint, keep: dict[int, list[int]], drop_mtp: bool = False,
+               layout: Layout | None = None) -> PrunePlan:
+    layout = layout or read_layout(ck)
     keep = {L: sorted(set(int(e) for e in v)) for L, v in keep.items()}
     full = {L: list(range(E)) for L, E in layout.experts.items()}
     for L in keep:
@@ -185,9 +200,65 @@ def plan_prune(ck: Checkpoint, keep: dict[int, list[int]], drop_mtp: bool = Fals
 
 
 # ------------------------------------------------------------------------------------------- writing
-def _out_name(name: str, role: arch.Role, new: dict[int, int]) -> str:
+@dataclass
+class _Part:
+    """One stored tensor of the output: where its bytes come from, and which indices of which axis it keeps."""
+
+    out: str
+    src: TensorInfo
+    axis: int | None = None       # None: a verbatim copy
+    keep: list[int] | None = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        s = list(self.src.shape)
+        if self.axis is not None:
+            s[self.axis] = len(self.keep)
+        return tuple(s)
+
+
+def _renamed(name: str, new: int) -> str:
     m = _EXPERT_IN_NAME.search(name)
-    return name[: m.start(1)] + str(new[role.expert]) + name[m.end(1):]
+    return name[: m.start(1)] + str(new) + name[m.end(1):]
+
+
+def _parts(ck: Checkpoint, layout: Layout, p: PrunePlan) -> list[_Part]:
+    """Every stored tensor of the output (every part of a logical tensor: FP8 scales index experts alike)."""
+    new_index = {L: {e: i for i, e in enumerate(v)} for L, v in p.keep.items()}
+    out: list[_Part] = []
+    for name, st in ck.logical().items():
+        r = layout.roles.get(name)
+        if p.drop_mtp and r is not None and (r.cls == "mtp" or (r.layer or 0) >= layout.n_layers):
+            continue                                                   # the MTP layer goes as a whole
+        if r is None or r.layer not in p.keep:
+            out += [_Part(t.name, t) for t in st.parts]
+        elif r.cls == "routed_experts" and not r.fused:
+            if r.expert in new_index[r.layer]:
+                out += [_Part(_renamed(t.name, new_index[r.layer][r.expert]), t) for t in st.parts]
+        elif r.cls == "routed_experts" or name in layout.router_axis:   # fused [E, ...] experts, router rows
+            axis = layout.router_axis.get(name, 0)
+            for t in st.parts:
+                if t.shape[axis] != layout.experts[r.layer]:
+                    raise ChimeraError(f"{t.file}: tensor {t.name} {list(t.shape)}: axis {axis} does not index the "
+                                       f"{layout.experts[r.layer]} experts of layer {r.layer}")
+                out.append(_Part(t.name, t, axis, p.keep[r.layer]))
+        else:
+            out += [_Part(t.name, t) for t in st.parts]
+    return out
+
+
+def _write(shard: ShardFile, part: _Part) -> None:
+    """Copy a part's bytes: whole, as contiguous ranges (expert axis 0), or gathered along another axis."""
+    src = part.src
+    if part.axis is None:
+        shard.copy_from(part.out, src.file, src.start, src.nbytes)
+    elif part.axis == 0:
+        row = src.nbytes // src.shape[0]
+        for i, e in enumerate(part.keep):
+            shard.copy_from(part.out, src.file, src.start + e * row, row, at=i * row)
+    else:
+        t = read_tensor(src).index_select(part.axis, torch.as_tensor(part.keep, dtype=torch.long))
+        shard.write(part.out, t.contiguous().view(torch.uint8).reshape(-1).numpy())
 
 
 def prune_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, keep: dict[int, list[int]],
@@ -195,54 +266,26 @@ def prune_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, keep: dict[
     """Write a copy of `src` with only the experts in `keep` (see the module docstring); returns a summary."""
     src, dst = Path(src), Path(dst)
     ck = Checkpoint(src)
-    p = plan_prune(ck, keep, drop_mtp)
     layout = read_layout(ck)
+    p = plan_prune(ck, keep, drop_mtp, layout)
     if dst.exists():
         raise ChimeraError(f"{dst}: output already exists")
     if dst.resolve() == ck.path or ck.path in dst.resolve().parents:
         raise ChimeraError(f"{dst}: output must not be the input directory or inside it")
-    new_index = {L: {e: i for i, e in enumerate(v)} for L, v in p.keep.items()}
-    tensors = ck.tensors
-
-    # every output tensor: (out name, source info, kept rows or None for a verbatim copy)
-    per_file: dict[str, list[tuple[str, TensorInfo, list[int] | None]]] = {}
-    for name, info in tensors.items():
-        base = name[: -len(SCALE_SUFFIX)] + ".weight" if name.endswith(SCALE_SUFFIX) else name
-        r = layout.roles.get(base)
-        item: tuple[str, TensorInfo, list[int] | None] | None = (name, info, None)
-        if drop_mtp and r is not None and (r.cls == "mtp" or (r.layer or 0) >= layout.n_layers):
-            item = None                                            # the MTP layer goes as a whole
-        elif r is not None and r.layer is not None and r.layer in layout.experts:
-            L = r.layer
-            if r.cls == "routed_experts" and not r.fused:
-                item = (_out_name(name, r, new_index[L]), info, None) if r.expert in new_index[L] else None
-            elif (r.cls == "routed_experts" and r.fused) or (r.cls == "router" and info.shape
-                                                               and info.shape[0] == layout.experts[L]):
-                if name.endswith(SCALE_SUFFIX) and r.cls == "router":
-                    raise ChimeraError(f"{info.file}: quantized router {base}: pruning its block scales is not "
-                                       f"supported")
-                item = (name, info, p.keep[L])
-        if item is not None:
-            per_file.setdefault(info.file.name, []).append(item)
+    per_file: dict[str, list[_Part]] = {}
+    for part in _parts(ck, layout, p):
+        per_file.setdefault(part.src.file.name, []).append(part)
 
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
     try:
         shards: dict[str, list[Slot]] = {}
-        for fname, items in per_file.items():
-            slots = []
-            for out_name, info, rows in items:
-                shape = tuple(info.shape) if rows is None else (len(rows),) + tuple(info.shape[1:])
-                slots.append(Slot(out_name, info.dtype, shape))
+        for fname, parts in per_file.items():
+            slots = [Slot(x.out, x.src.dtype, x.shape) for x in parts]
             out = ShardFile(tmp / fname, slots)
             try:
-                for (out_name, info, rows), slot in zip(items, slots):
-                    if rows is None:
-                        out.copy_from(out_name, info.file, info.start, info.nbytes)
-                    else:                                              # kept rows: contiguous byte ranges
-                        row = info.nbytes // info.shape[0]
-                        for i, e in enumerate(rows):
-                            out.copy_from(out_name, info.file, info.start + e * row, row, at=i * row)
+                for x in parts:
+                    _write(out, x)
                 out.commit()
             except BaseException:
                 out.abort()
