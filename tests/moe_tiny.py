@@ -124,20 +124,22 @@ def tiny_model(arch: str, seed: int = 0, bias_noise: bool = True, text_only: boo
     else:
         model = model_class(arch).from_config(cfg).eval()
     modules = dict(model.named_modules())
-    g = torch.Generator().manual_seed(seed + 7)
-    with torch.no_grad():
-        for b in moe_blocks(model).values():
-            router, block = modules[b.router], modules[b.path]
-            for name, p in router.named_parameters(recurse=False):
+    blocks = list(moe_blocks(model).values())
+    with torch.no_grad():  # the global generator, router weights first, then biases (as for the first five archs)
+        for b in blocks:
+            for p in modules[b.router].parameters(recurse=False):
                 if p.dim() == 2 and p.shape[0] == b.num_experts:
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-            if bias_noise:
-                for owner in (router, block, getattr(router, "moe_statics", None)):
-                    for name in ("e_score_correction_bias", "bias"):
-                        t = getattr(owner, name, None) if owner is not None else None
-                        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.shape[-1] == b.num_experts:
-                            t.copy_(torch.randn(t.shape, generator=g) * 0.1)
-            table = getattr(router, "tid2eid", None)
+                    p.normal_(0, 0.5)
+        for b in blocks if bias_noise else ():
+            router, block = modules[b.router], modules[b.path]
+            for owner in (router, block, getattr(router, "moe_statics", None)):
+                for name in ("e_score_correction_bias", "bias"):
+                    t = getattr(owner, name, None) if owner is not None else None
+                    if isinstance(t, torch.Tensor) and t.is_floating_point() and t.shape[-1] == b.num_experts:
+                        t.normal_(0, 0.1)
+        g = torch.Generator().manual_seed(seed + 7)
+        for b in blocks:
+            table = getattr(modules[b.router], "tid2eid", None)
             if table is not None:
                 rows = [torch.randperm(b.num_experts, generator=g)[: table.shape[1]] for _ in range(table.shape[0])]
                 table.copy_(torch.stack(rows))

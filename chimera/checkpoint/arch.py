@@ -51,6 +51,8 @@ _MLP_WORDS = ("MLP", "Mlp", "FeedForward")
 _MTP_RE = re.compile(r"(?:^|\.)mtp\.(?:layers\.)?(\d+)\.(.*)")
 _EXPERT_INDEX_RE = re.compile(r"(?:^|\.)experts\.(\d+)\.")
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+#: config.json keys that hold the number of routed experts per MoE layer (ERNIE: moe_num_experts)
+EXPERT_COUNT_KEYS = ("n_routed_experts", "num_local_experts", "num_experts", "moe_num_experts")
 _CONFIG_DROP = ("model_type", "architectures", "auto_map", "quantization_config", "transformers_version",
                 "_name_or_path", "compression_config")
 
@@ -380,6 +382,11 @@ def _cached(key: str) -> Arch:
 def of(config: dict) -> Arch:
     """The architecture knowledge for a config.json mapping (cached per config)."""
     return _cached(json.dumps(config, sort_keys=True, default=str))
+
+
+def expert_count_keys(config: dict) -> list[str]:
+    """The config.json key(s) holding the number of routed experts (what pruning rewrites)."""
+    return [k for k in EXPERT_COUNT_KEYS if isinstance(config.get(k), int)]
 
 
 def supported(config: dict | str) -> bool:
