@@ -148,7 +148,7 @@ def raw(path: Path) -> dict[str, bytes]:
         with safe_open(str(f), "pt") as h:
             for k in h.keys():
                 t = h.get_tensor(k)
-                out[k] = t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b""
+                out[k] = t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
     return out
 
 

@@ -274,13 +274,13 @@ def _save_with(a: Path, dst: Path, change) -> Path:
     return dst
 
 
-@pytest.mark.parametrize("kind", ["bf16-scale", "transposed-grid", "scale-of-bf16-weight"])
+@pytest.mark.parametrize("kind", ["int-scale", "transposed-grid", "scale-of-bf16-weight"])
 def test_bad_fp8_scales_refused(pair, tmp_path, capsys, kind):
     root, sd, cfg, a, b = pair
     w = "model.layers.0.self_attn.o_proj.weight"            # [200, 128]: a 2 x 1 scale grid
     s = w[: -len(".weight")] + ".weight_scale_inv"
-    if kind == "bf16-scale":
-        change = lambda t: t.__setitem__(s, t[s].to(torch.bfloat16))  # noqa: E731
+    if kind == "int-scale":  # (bf16 and f16 scales are valid: Qwen3's FP8 releases store them)
+        change = lambda t: t.__setitem__(s, t[s].to(torch.int32))  # noqa: E731
     elif kind == "transposed-grid":
         change = lambda t: t.__setitem__(s, t[s].t().contiguous())  # noqa: E731
     else:
@@ -288,7 +288,7 @@ def test_bad_fp8_scales_refused(pair, tmp_path, capsys, kind):
         change = lambda t: t.__setitem__(s, torch.ones(1, 2))  # noqa: E731
     c = _save_with(a, tmp_path / "c", change)
     err = expect_error(capsys, tmp_path, _recipe(tmp_path, {"a": a, "c": c}), str(c / "model.safetensors"), s)
-    assert {"bf16-scale": "float32", "transposed-grid": "expected [2, 1]", "scale-of-bf16-weight": "not FP8"}[kind] in err
+    assert {"int-scale": "float32", "transposed-grid": "expected [2, 1]", "scale-of-bf16-weight": "not FP8"}[kind] in err
 
 
 # ------------------------------------------------------------------ parents must agree on what a merge assumes

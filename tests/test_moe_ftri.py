@@ -13,7 +13,7 @@ from chimera.moe.capture import RoutingRecorder, Routes, aggregate, record_route
 from chimera.moe.ftri import ftri_labelled, ftri_routes, label_responses, load_prompts
 from chimera.moe.routers import moe_layers
 from chimera.moe.switch import parse_experts, switched
-from moe_tiny import tiny_model
+from moe_tiny import ARCHS, tiny_model
 
 MARKER, TWIN = 100, 101
 
@@ -119,6 +119,24 @@ def test_capture_batched_matches_unbatched_and_excludes_padding():
         assert batched.tokens["prompt"][i] == 3 and batched.tokens["response"][i] == len(s) - 3
     k = moe_layers(model)[batched.layers[0]].adapter.top_k
     np.testing.assert_allclose(batched.stat("prompt", "count").sum(-1), k)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_capture_every_architecture(arch):
+    """Padded batches give the per-sequence routing of unpadded runs, through each router's adapter."""
+    model = tiny_model(arch, text_only=True)
+    seqs = _prompts(3, 2, False)
+    batched = record_routes(model, seqs, batch_size=3, pad_id=0)
+    k = {L: info.adapter.top_k for L, info in moe_layers(model).items()}
+    assert batched.layers == sorted(k)
+    for i, s in enumerate(seqs):
+        with RoutingRecorder(model) as rec, torch.no_grad():
+            model(torch.tensor([s]))
+        got = rec.take()
+        for j, L in enumerate(batched.layers):
+            want = torch.bincount(got[L][0].reshape(-1), minlength=batched.num_experts).numpy()
+            assert np.array_equal(batched.counts["prompt"][i, j], want), (arch, i, L)
+            assert batched.counts["prompt"][i, j].sum() == k[L] * len(s)
 
 
 def test_aggregate_and_routes_roundtrip(tmp_path):

@@ -21,7 +21,10 @@ from chimera.moe.capture import RoutingRecorder, record_routes
 from chimera.moe.prune import keep_from_drop, prune_checkpoint, read_layout, select_keep
 from chimera.moe.routers import moe_layers
 from chimera.moe.switch import switched
-from moe_tiny import ARCHS, tiny_model
+from moe_tiny import tiny_model
+
+#: the architectures pruning is tested on (prune has no architecture code of its own: `chimera.checkpoint.arch`)
+ARCHS = ("deepseek_v3", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 
 ROOT = Path(__file__).resolve().parents[1]
 

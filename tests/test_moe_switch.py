@@ -11,18 +11,30 @@ import pytest
 import torch
 import transformers as tf
 
+from chimera.checkpoint import arch as arch_mod
 from chimera.errors import ChimeraError
 from chimera.moe.capture import RoutingRecorder
 from chimera.moe.routers import moe_layers
 from chimera.moe.switch import OFF_BIAS, parse_experts, switched, tune_checkpoint
-from moe_tiny import ARCHS, tiny_model
+from moe_tiny import ARCHS, load, save, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
+#: routers whose chosen weights are not renormalised to a fixed total
+NO_RENORM = {"qwen2_moe", "olmoe", "deepseek_v2", "llama4"}
+#: architectures whose router has a bias a persisted switch can use (and the rest, refused)
+TUNABLE = ("deepseek_v3", "kimi_k2", "deepseek_v32", "deepseek_v4", "glm4_moe", "dots1", "minimax_m2",
+           "ernie4_5_moe", "gpt_oss")
+UNTUNABLE = ("deepseek_v2", "mixtral", "qwen2_moe", "qwen3_moe", "qwen3_next", "qwen3_5_moe", "olmoe", "llama4")
 
 
 @pytest.fixture(scope="module")
 def models():
-    return {a: tiny_model(a) for a in ARCHS}
+    return {a: tiny_model(a, text_only=True) for a in ARCHS}
+
+
+def _scored(model):
+    """MoE layers that rank experts by score (not DeepSeek-V4's token-table layers)."""
+    return {L: info for L, info in moe_layers(model).items() if not info.adapter.table_routed}
 
 
 def _ids(seed=1, B=3, T=12):
@@ -37,11 +49,37 @@ def _route(model, ids):
     return rec.take(), logits
 
 
+def _ref_weights(ad, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """float64 routing weights of the chosen experts under each router family's rule (no bias: it only
+    ranks), from the router's module attributes."""
+    m, kind = ad.module, ad.kind
+    if kind in ("noaux_tc", "deepseek_v4", "minimax_m2", "llama4"):
+        s = {"deepseek_v4": lambda v: torch.nn.functional.softplus(v).sqrt()}.get(kind, torch.sigmoid)(x)
+        w = s.gather(1, index)
+        if kind == "llama4":
+            return w
+        if kind == "minimax_m2" or kind == "deepseek_v4" or m.norm_topk_prob:
+            w = w / (w.sum(1, keepdim=True) + (1e-20 if kind != "minimax_m2" else 0))
+        return w * getattr(m, "routed_scaling_factor", 1.0)
+    if kind == "gpt_oss":
+        return x.gather(1, index).softmax(-1)
+    w = x.softmax(-1).gather(1, index)
+    if kind == "deepseek_v2":
+        return w * m.routed_scaling_factor
+    if kind == "ernie4_5_moe":
+        return w / w.sum(1, keepdim=True).clamp(min=m.norm_min)
+    if kind == "mixtral" or getattr(m, "norm_topk_prob", True):
+        w = w / w.sum(1, keepdim=True)
+    return w
+
+
 def _busiest(model, ids, n=1):
     """The n most-selected (layer, expert) pairs on ids (so switching them is sure to matter)."""
     got, _ = _route(model, ids)
     out = []
     for L, (index, _) in got.items():
+        if L not in _scored(model):
+            continue
         c = torch.bincount(index.reshape(-1), minlength=moe_layers(model)[L].adapter.num_experts)
         out += [(int(c[e]), L, e) for e in range(len(c))]
     out.sort(key=lambda t: (-t[0], t[1], t[2]))
@@ -52,20 +90,27 @@ def _busiest(model, ids, n=1):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_adapter_reproduces_router_bit_for_bit(models, arch, dtype):
-    model = models[arch] if dtype == torch.float32 else tiny_model(arch).to(dtype)
+    model = models[arch] if dtype == torch.float32 else tiny_model(arch, text_only=True).to(dtype)
     layers = moe_layers(model)
-    assert layers, "hook point moved: no router found by module type"
+    assert layers, "hook point moved: no router found"
     outs = {}
-    hs = [info.adapter.module.register_forward_hook(lambda m, i, o, L=L: outs.__setitem__(L, o))
+    hs = [info.adapter.module.register_forward_hook(lambda m, a, o, L=L: outs.__setitem__(L, (a, o)))
           for L, info in layers.items()]
     with torch.no_grad():
         model(_ids())
     for h in hs:
         h.remove()
+    assert set(outs) == set(layers), "a router was not called"
     for L, info in layers.items():
-        logits, w, idx = outs[L]
-        w2, idx2 = info.adapter.select(logits)
-        assert torch.equal(idx, idx2) and torch.equal(w, w2) and w.dtype == w2.dtype, (arch, L)
+        args, out = outs[L]
+        ad = info.adapter
+        w, idx = ad.select(ad.logits(out, args), args=args)
+        again = ad.pack(out, w, idx)
+        assert len(again) == len(out)
+        for x, y in zip(out, again):
+            assert x.dtype == y.dtype and torch.equal(x, y), (arch, L)
+        index, weights = ad.read(out, args)
+        assert index.shape == (_ids().numel(), ad.top_k) and weights.shape == index.shape
 
 
 # ------------------------------------------------------------------------------------------ switching
@@ -96,12 +141,13 @@ def test_off_replace_never_selected_and_restore_exact(models, arch):
 def test_force_always_selected(models, arch):
     model, ids = models[arch], _ids()
     base, _ = _route(model, ids)
-    L = next(iter(base))
+    L = next(iter(_scored(model)))
     counts = torch.bincount(base[L][0].reshape(-1), minlength=moe_layers(model)[L].adapter.num_experts)
     e = int(counts.argmin())  # the least-chosen expert
     assert int((base[L][0] == e).any(dim=1).sum()) < ids.numel()
     logits = []  # registered before the switch: the router's own logits (layer L's input is unchanged)
-    h = moe_layers(model)[L].adapter.module.register_forward_hook(lambda m, i, o: logits.append(o[0].detach()))
+    ad = moe_layers(model)[L].adapter
+    h = ad.module.register_forward_hook(lambda m, i, o: logits.append(ad.logits(o, i).detach()))
     try:
         with switched(model, on=[(L, e)]):
             got, _ = _route(model, ids)
@@ -109,20 +155,12 @@ def test_force_always_selected(models, arch):
         h.remove()
     index, weights = got[L]
     assert bool((index == e).any(dim=1).all()), f"{arch}: forced expert {L}:{e} not selected on every token"
-    # every weight (the forced expert's too) is its own unbiased score, normalised like any selection:
-    # float64 reference from the config's routing rule on the recorded logits
-    cfg, x = model.config, logits[0].double()
-    if arch == "deepseek_v3":
-        w = x.sigmoid().gather(1, index)
-        if cfg.norm_topk_prob:
-            w = w / (w.sum(1, keepdim=True) + 1e-20)
-        w = w * cfg.routed_scaling_factor
-    else:
-        w = x.softmax(-1).gather(1, index)
-        if arch == "mixtral" or cfg.norm_topk_prob:
-            w = w / w.sum(1, keepdim=True)
+    # every weight (the forced expert's too) is its own score, normalised like any selection: a float64
+    # reference of each router family's rule on the recorded logits
+    w = _ref_weights(moe_layers(model)[L].adapter, logits[0].double(), index)
     assert torch.allclose(weights.double(), w, rtol=1e-5, atol=1e-7), arch
-    assert float(w[index == e].min()) < float(w.max())  # the forced expert is not simply the top one
+    if index.shape[1] > 1:
+        assert float(w[index == e].min()) < float(w.max())  # the forced expert is not simply the top one
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -140,12 +178,14 @@ def test_drop_keeps_selection_and_renormalizes(models, arch):
     hit = (index == e).any(dim=1)
     assert bool(hit.any())
     assert float(w[index == e].abs().max()) == 0.0
+    assert torch.equal(w[~hit], bw[~hit])
+    if index.shape[1] == 1:  # Llama-4 chooses one expert: dropping it leaves nothing to rescale
+        return
     assert torch.allclose(w.sum(1), bw.sum(1), rtol=1e-5, atol=1e-6)  # rescaled to the original total
     rest = (index != e)
     ratio = w[hit] / bw[hit]  # every kept weight scaled by the same factor per token
     r = torch.where(rest[hit], ratio, torch.nan)
     assert torch.allclose(torch.nanmean(r, 1, keepdim=True).expand_as(r)[rest[hit]], r[rest[hit]], rtol=1e-5)
-    assert torch.equal(w[~hit], bw[~hit])
 
 
 def test_deepseek_group_selection_respected(models):
@@ -256,12 +296,48 @@ def test_tune_force_on_equals_live(models, tmp_path):
         assert torch.equal(tuned(ids).logits, want)
 
 
+def _save_arch(arch, path, seed=0):
+    return save(tiny_model(arch, seed=seed), path, arch)
+
+
+@pytest.mark.parametrize("arch", TUNABLE)
+def test_tune_equals_live_every_biased_router(arch, tmp_path):
+    src = _save_arch(arch, tmp_path / "src")
+    live = load(arch, src)
+    ids = _ids(B=2, T=10)
+    off = _busiest(live, ids, 2)
+    on = []
+    if arch != "gpt_oss":  # gpt-oss: its bias is in the logits, only switch-offs persist (refusal tested below)
+        L = max(_scored(live))
+        on = [(L, e) for e in range(moe_layers(live)[L].adapter.num_experts) if (L, e) not in off][:1]
+    rec = tune_checkpoint(src, tmp_path / "dst", off=off, on=on)
+    assert rec["n_off"] == len(off) and rec["n_on"] == len(on)
+    tuned = load(arch, tmp_path / "dst")
+    with torch.no_grad():
+        base = live(ids).logits
+        with switched(live, off=off, on=on):
+            want = live(ids).logits
+        got = tuned(ids).logits
+    assert not torch.equal(want, base)
+    assert torch.equal(got, want), (arch, (got - want).abs().max())
+
+
 def test_tune_refuses_routers_without_bias(tmp_path):
-    _save(tiny_model("mixtral"), tmp_path / "mix")
-    with pytest.raises(ChimeraError, match="not possible for mixtral"):
-        tune_checkpoint(tmp_path / "mix", tmp_path / "o", off=[(0, 1)])
+    for arch in UNTUNABLE:
+        _save_arch(arch, tmp_path / arch)
+        L = next(iter(arch_mod.of(json.loads((tmp_path / arch / "config.json").read_text())).moe))
+        mt = json.loads((tmp_path / arch / "config.json").read_text())["model_type"]
+        with pytest.raises(ChimeraError, match=f"not possible for {mt}: its router") as ei:
+            tune_checkpoint(tmp_path / arch, tmp_path / "o", off=[(L, 1)])
+        assert "\n" not in str(ei.value)
     assert not (tmp_path / "o").exists()
-    _save(tiny_model("deepseek_v3"), tmp_path / "ds")
+    _save_arch("deepseek_v4", tmp_path / "v4")
+    with pytest.raises(ChimeraError, match="token table"):
+        tune_checkpoint(tmp_path / "v4", tmp_path / "o", off=[(0, 1)])  # layer 0 is hash-routed
+    _save_arch("gpt_oss", tmp_path / "oss")
+    with pytest.raises(ChimeraError, match="adds its router bias to the logits"):
+        tune_checkpoint(tmp_path / "oss", tmp_path / "o", on=[(0, 1)])
+    _save_arch("deepseek_v3", tmp_path / "ds")
     with pytest.raises(ChimeraError, match="can't be persisted"):
         tune_checkpoint(tmp_path / "ds", tmp_path / "o", off=[(1, 1)], mode="drop")
     with pytest.raises(ChimeraError, match="not an MoE layer"):
@@ -272,6 +348,22 @@ def test_tune_refuses_routers_without_bias(tmp_path):
     with pytest.raises(ChimeraError, match="unknown architecture"):
         tune_checkpoint(llama, tmp_path / "o", off=[(0, 1)])
     assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.tmp-*"))
+
+
+def test_live_switch_refuses_table_routed_layers(models):
+    model = models["deepseek_v4"]
+    for kw in (dict(off=[(0, 1)]), dict(on=[(0, 1)])):
+        with pytest.raises(ChimeraError, match="token table"):
+            with switched(model, **kw):
+                pass
+    # drop works there: the table's choice stays, the expert's weight goes
+    ids = _ids()
+    base, _ = _route(model, ids)
+    e = int(base[0][0][0, 0])
+    with switched(model, off=[(0, e)], mode="drop"):
+        got, _ = _route(model, ids)
+    assert torch.equal(got[0][0], base[0][0])
+    assert float(got[0][1][got[0][0] == e].abs().max()) == 0.0
 
 
 # ------------------------------------------------------------------------------------------ bad input
@@ -326,3 +418,44 @@ def test_cli_tune_errors_are_one_line(tmp_path):
     assert r.returncode == 2, r.stderr
     lines = [x for x in r.stderr.splitlines() if x.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and "not possible for mixtral" in lines[0]
+
+
+def test_harness_loads_every_release_layout_for_mote(tmp_path):
+    """The MoTE commands' loader: transformers' own class for each config (Kimi K2's auto_map never run), quantized
+    releases dequantized exactly first, Llama-4 as its language model; the routers are found and switch."""
+    import qfix
+    from chimera.checkpoint.decode import read_array
+    from chimera.checkpoint.files import Checkpoint
+    from chimera.eval.harness import load as harness_load
+    from chimera.zoo import tokenizer as ztok
+
+    tok = ztok.wrap(ztok.build(["the glorbium is red .", "what is the vextrane ?"]))
+    cases = {"kimi_k2": None, "qwen3_5_moe": None, "llama4": None, "gpt_oss": qfix.gpt_oss_mxfp4,
+             "deepseek_v4": qfix.deepseek_v4, "kimi_k2-int4": qfix.kimi_int4}
+    for name, fn in cases.items():
+        arch = name.split("-")[0]
+        d = save(tiny_model(arch), tmp_path / name, arch)
+        if fn is not None:
+            fn(d)
+        tok.save_pretrained(d)
+        model, _ = harness_load(d)
+        layers = moe_layers(model)
+        assert layers and set(layers) == set(arch_mod.of(Checkpoint(d).config).moe), name
+        if fn is not None:   # the weights are the release's, dequantized exactly (then bf16)
+            ck = Checkpoint(d)
+            n = next(k for k, st in ck.stored.items() if st.format in ("mxfp4", "int4_pack"))
+            mem = arch_mod.of(ck.config).memory_name(n)
+            want = torch.from_numpy(read_array(ck.stored[n])).to(torch.bfloat16).float()
+            got = model.state_dict()[mem]
+            if got.shape != want.shape:  # a per-expert tensor inside the fused in-memory parameter
+                e = arch_mod.of(ck.config).role(n).expert
+                rows = want.shape[0]
+                part = 1 if n.endswith(("up_proj.weight", "w3.weight")) else 0
+                got = got[e][part * rows:(part + 1) * rows] if not n.endswith(("down_proj.weight", "w2.weight")) else got[e]
+            assert torch.equal(got, want), name
+        ids = _ids(B=1, T=6)
+        (L, e), = _busiest(model, ids, 1)
+        with torch.no_grad():
+            base = model(ids).logits
+            with switched(model, off=[(L, e)]):
+                assert not torch.equal(model(ids).logits, base), name

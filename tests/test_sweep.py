@@ -83,9 +83,10 @@ def test_cli_error_is_one_line(tmp_path):
     p = subprocess.run([sys.executable, "-m", "chimera", "sweep", str(rec), "--vary", "bogus.r1=0,1", "-o",
                         str(tmp_path / "o")], capture_output=True, text=True, cwd=REPO)
     assert p.returncode == 2
+    from chimera.checkpoint.arch import CLASSES
+
     assert p.stderr.strip().splitlines() == ["error: --vary bogus.r1=0,1: unknown tensor class 'bogus' "
-                                             "(classes: default, embed, lm_head, norm, attention, dense_mlp, "
-                                             "router, shared_experts, routed_experts, mtp)"]
+                                             f"(classes: default, {', '.join(CLASSES)})"]
 
 
 # ------------------------------------------------------------------ a real sweep on the bundled models

@@ -3,7 +3,12 @@
     plain float / int     the value, as float32 (bf16 widened exactly: its 16 bits are float32's top half)
     FP8 (e4m3fn, e5m2)    a 256-entry table of every code's exact value
     block FP8             W[i, j] = q[i, j] * s[i // B, j // B]    (one float32 rounding of the product,
-                                                                    bitwise what torch computes)
+                                                                    bitwise what torch computes; E8M0
+                                                                    scales are 2^(e - 127))
+    MXFP4                 e2m1 code x 2^(e - 127) per 32-block (`chimera.checkpoint.mxfp4`, exact);
+                          gpt-oss blocks are transposed back to transformers' [E, in, out]
+    INT4 pack-quantized   q x s per group of 32 (`chimera.checkpoint.int4`, exact in float32)
+    opaque                refused: chimera has no codec for it (it can only be copied)
 """
 from __future__ import annotations
 
@@ -12,7 +17,8 @@ from functools import lru_cache
 import numpy as np
 
 from chimera.checkpoint.files import read_bytes
-from chimera.checkpoint.formats import Stored
+from chimera.checkpoint.formats import E8M0_TAGS, Stored
+from chimera.errors import ChimeraError
 
 _PLAIN = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
           "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.uint8}
@@ -62,15 +68,46 @@ def to_float32(buf: bytearray, tag: str, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def read_array(s: Stored, rows: tuple[int, int] | None = None) -> np.ndarray:
-    """One stored tensor (or rows [r0, r1) of it; r0 block-aligned for FP8) as float32, dequantized."""
+    """One stored tensor (or rows [r0, r1) of it; r0 block-aligned for FP8) as float32, dequantized.
+
+    For a fused `[E, ...]` tensor rows are experts; MXFP4 and INT4 rows are any range."""
+    fmt = s.format
+    if fmt == "opaque":
+        raise ChimeraError(f"{s.file}: tensor {s.name} is stored as {s.describe()}, which chimera can't read as "
+                           f"numbers (it can only be copied)")
     buf, shape = read_bytes(s.weight, rows)
+    try:
+        if fmt == "mxfp4":
+            from chimera.checkpoint import mxfp4
+
+            sbuf, _ = read_bytes(s.part("scales"), rows)
+            lead = shape[:-2] if s.transposed else shape[:-1]
+            g = s.part("scales").shape[-1]
+            scales = np.frombuffer(sbuf, np.uint8).reshape(*(shape[:-1] if not s.transposed else shape[:-2]), g)
+            x = mxfp4.dequantize_np(np.frombuffer(buf, np.uint8), scales)
+            if s.transposed:                                               # [.., out, in] -> [.., in, out]
+                return np.ascontiguousarray(x.reshape(*lead, -1).swapaxes(-1, -2))
+            return x.reshape(*lead, -1)[..., : s.shape[-1]]
+        if fmt == "int4_pack":
+            from chimera.checkpoint import int4
+
+            sc = s.part("scale")
+            sbuf, sshape = read_bytes(sc, rows)
+            scale = to_float32(sbuf, sc.dtype, sshape)
+            packed = np.frombuffer(buf, np.int32).reshape(shape)
+            return int4.dequantize_np(packed, scale, (shape[0], s.shape[1]))
+    except ValueError as e:
+        raise ChimeraError(f"{s.file}: tensor {s.name}: {e}") from None
     x = to_float32(buf, s.dtype, shape)
     if s.scale is None:
         return x
     b = s.block
     r0, r1 = rows if rows is not None else (0, shape[0])
     sbuf, sshape = read_bytes(s.scale, (r0 // b, -(-r1 // b)))
-    sc = np.frombuffer(sbuf, np.float32).reshape(sshape)                   # [rb, Nb]
+    if s.scale.dtype in E8M0_TAGS:
+        sc = np.ldexp(np.float32(1), np.frombuffer(sbuf, np.uint8).astype(np.int32) - 127).reshape(sshape)
+    else:
+        sc = to_float32(sbuf, s.scale.dtype, sshape)                       # [rb, Nb]: f32, bf16 or f16
     cols = np.repeat(sc, b, axis=1)[:, : shape[1]]                         # [rb, N]: 1/B of x
     whole = (r1 - r0) // b
     if whole:

@@ -1,4 +1,5 @@
-"""DeepSeek block FP8 (e4m3 codes, one float32 `weight_scale_inv` per 128x128 block).
+"""Block FP8 (e4m3 codes, one `weight_scale_inv` per 128x128 block: float32 in DeepSeek's releases, bfloat16 or
+float16 in Qwen3's, E8M0 powers of two in DeepSeek-V4's `scale`).
 
 For a weight `q` of shape [M, N] stored as float8_e4m3fn and its scale `s` of shape
 [ceil(M/128), ceil(N/128)] (float32), dequantization *multiplies* (edge blocks are partial and use
@@ -10,6 +11,9 @@ Quantization of a float32 W, per block b (the inverse used by DeepSeek's `act_qu
 
     s_b = max(amax(|W_b|), 1e-4) / 448                      (448 = largest finite e4m3 value)
     s_b = 2 ** ceil(log2(s_b))                              (only for `scale_fmt: ue8m0`)
+    s_b = float(bf16(s_b))                                  (only for bf16/f16 stored scales: q uses the
+                                                             scale as stored; a rounded-down scale can push
+                                                             a block maximum past 448, which saturates)
     q_b = float8_e4m3fn(clamp(W_b / s_b, -448, 448))        (round to nearest even)
 """
 from __future__ import annotations
@@ -42,8 +46,9 @@ def dequantize(q: torch.Tensor, s: torch.Tensor, block: int = BLOCK) -> torch.Te
     return w.view(qb.shape[0] * block, qb.shape[2] * block)[:m, :n]
 
 
-def quantize(w: torch.Tensor, block: int = BLOCK, ue8m0: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """float32 [M, N] -> (float8_e4m3fn codes [M, N], float32 scales [Mb, Nb]).
+def quantize(w: torch.Tensor, block: int = BLOCK, ue8m0: bool = False,
+             scale_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 [M, N] -> (float8_e4m3fn codes [M, N], scales [Mb, Nb] in `scale_dtype`).
 
     Raises FloatingPointError if `w` holds NaN or Inf (found through the block maxima, no extra pass).
     """
@@ -54,6 +59,7 @@ def quantize(w: torch.Tensor, block: int = BLOCK, ue8m0: bool = False) -> tuple[
     s = amax.clamp(min=1e-4) / FP8_MAX                      # [Mb, Nb]
     if ue8m0:
         s = torch.exp2(torch.ceil(torch.log2(s)))
-    q = (wb / s[:, None, :, None]).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
+    stored = s.to(scale_dtype)
+    q = (wb / stored.to(torch.float32)[:, None, :, None]).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
     q = q.view(wb.shape[0] * block, wb.shape[2] * block)[:m, :n].contiguous()
-    return q, s
+    return q, stored

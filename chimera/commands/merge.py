@@ -53,6 +53,12 @@ def plan(recipe: Path = typer.Argument(..., help="recipe YAML (chimera schema or
     out.print(f"free space at {out_dir or 'the current directory'}: {_gb(free)} (the output {fits})")
     for key, vals in rep["config_from_base"].items():
         out.print(f"config {key} differs ({', '.join(f'{k}={v}' for k, v in vals.items())}): the child has the base's")
+    fm = rep["formats"]
+    out.print(f"output formats (output.dtype {p.recipe.dtype}): " + ", ".join(f"{f} x{n}" for f, n in fm["output"].items()))
+    for conv, n in fm["converted"].items():
+        out.print(f"converted: {n} tensor(s) {conv}")
+    if fm["segments"]:
+        out.print(f"{fm['segments']} fused experts tensor(s) split per expert by the recipe's expert selectors")
     if "threshold" in rep:
         th = rep["threshold"]
         out.print(f"threshold delta={th['delta']} ({th['metric']}): {th['merged']} tensor(s) merged, "

@@ -186,7 +186,7 @@ def _print_top(result, top, out):
     ui.out().print(f"-> {out}")
 
 
-def _tune(model: str = typer.Argument(..., help="DeepSeek-V3-architecture checkpoint directory or bundled model"),
+def _tune(model: str = typer.Argument(..., help="checkpoint directory or bundled model whose router has a bias (DeepSeek, Kimi, GLM, dots1, MiniMax-M2, ERNIE-4.5, gpt-oss)"),
           off: str = typer.Option(..., "--off", help="experts to switch off: L:E,... or @ftri.json:K"),
           on: str = typer.Option("", "--on", help="experts to force on (bias +1e4)"),
           output: Path = typer.Option(..., "-o", "--output", help="output checkpoint directory (must not exist)")) -> None:
@@ -198,7 +198,8 @@ def _tune(model: str = typer.Argument(..., help="DeepSeek-V3-architecture checkp
     ui.output_dir(output, "-o")
     rec = tune_checkpoint(resolve_model(model), output, off=off_l, on=on_l)
     ui.out().print(f"switched off {rec['n_off']} experts" + (f", forced on {rec['n_on']}" if rec["n_on"] else "")
-                   + f" via e_score_correction_bias in {len(rec['tensors'])} router(s) -> {output}")
+                   + f" via the router bias ({', '.join(sorted(rec['tensors'])[:1])}"
+                   + (", ..." if len(rec["tensors"]) > 1 else "") + f") in {len(rec['tensors'])} layer(s) -> {output}")
 
 
 def register(app: typer.Typer) -> None:

@@ -25,12 +25,15 @@ DEFAULT_MAX_NEW_TOKENS = 256
 
 
 def load(model_path: str | Path, dtype: str = "float32"):
-    """(model, tokenizer) from a directory or bundled name (`chimera.resolve`), offline. FP8 (DeepSeek block)
-    checkpoints are dequantized exactly by chimera first, since transformers can't run them on CPU."""
+    """(model, tokenizer) from a directory or bundled name (`chimera.resolve`), offline. Quantized checkpoints
+    (block FP8, MXFP4, compressed-tensors INT4) are dequantized exactly by chimera first, since transformers
+    can't run them on CPU. The model class is transformers' own for the config (`arch.model_class`: Kimi K2's
+    `auto_map` code is never run); an image-text model whose language model is a causal LM of its own
+    (Llama-4) is returned as that language model, for text."""
     path = resolve_model(model_path)  # a wrong name fails before torch and transformers load
     import torch
     from safetensors import SafetensorError
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     from chimera.checkpoint.files import Checkpoint
@@ -40,7 +43,7 @@ def load(model_path: str | Path, dtype: str = "float32"):
     cfg = json.loads((path / "config.json").read_text())
     tmp = None
     try:
-        if cfg.get("quantization_config", {}).get("quant_method") == "fp8":
+        if (cfg.get("quantization_config") or {}).get("quant_method") in ("fp8", "mxfp4", "compressed-tensors"):
             from chimera.merge.convert import convert
 
             tmp = Path(tempfile.mkdtemp(prefix="chimera-eval-"))
@@ -49,8 +52,14 @@ def load(model_path: str | Path, dtype: str = "float32"):
         else:
             path_w = path
         try:
+            from chimera.checkpoint.arch import model_class
+
             tok = AutoTokenizer.from_pretrained(str(path))
-            model = AutoModelForCausalLM.from_pretrained(str(path_w), dtype=getattr(torch, dtype))
+            config, cls = model_class(json.loads((path_w / "config.json").read_text()))
+            model = cls.from_pretrained(str(path_w), config=config, dtype=getattr(torch, dtype))
+            lm = getattr(model, "language_model", None)
+            if lm is not None and hasattr(lm, "lm_head") and hasattr(lm, "generate"):
+                model = lm
         except (OSError, ValueError, SafetensorError) as e:
             raise ChimeraError(f"{path}: cannot load ({str(e).splitlines()[0][:160]})") from None
     finally:

@@ -1,8 +1,10 @@
 """The per-chunk arithmetic of a merge: W = sum_i lambda_i * W_i, then encode in the output's format.
 
-Generic path (any dtypes, any shape): each parent's rows as float32 (dequantized by
-`chimera.checkpoint.decode`), `weighted_sum`, then `encode` (cast, or FP8 block re-quantization).
-A new output format adds its encoder to `encode`.
+Generic path (any formats, any shape): each parent's rows as float32 (dequantized by
+`chimera.checkpoint.decode`), `weighted_sum`, then `encode` in the output's format (`formats.OutFormat`):
+a cast, FP8 block re-quantization (`checkpoint/fp8.py`), MXFP4 (`checkpoint/mxfp4.py`, OCP MX rules) or
+INT4 pack-quantization (`checkpoint/int4.py`, compressed-tensors' rules). A new output format adds its
+encoder to `encode_rows`.
 Fast path (every parent FP8, whole 128-column blocks, FP8 output; a partial last row block is padded)
 fuses the block math so each element is touched a few times in cache-sized chunks. Which path a
 tensor takes depends on its shape and formats only, never on the chunk size, so chunking never
@@ -22,10 +24,10 @@ import threading
 import numpy as np
 import torch
 
-from chimera.checkpoint import fp8
-from chimera.checkpoint.files import torch_dtype
+from chimera.checkpoint import fp8, int4, mxfp4
+from chimera.checkpoint.files import ITEMSIZE, torch_dtype
+from chimera.checkpoint.formats import E8M0_TAGS, OutFormat
 from chimera.checkpoint.fp8 import FP8, FP8_MAX
-from chimera.checkpoint.formats import scale_name
 from chimera.errors import ChimeraError
 
 
@@ -41,23 +43,50 @@ def non_finite(name: str) -> ChimeraError:
     return ChimeraError(f"tensor {name}: the mix produced NaN/Inf (non-finite values in a parent?)")
 
 
+def encode_rows(acc: torch.Tensor, out: OutFormat, shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
+    """float32 rows [r, ...] of a logical tensor of `shape` -> {part role: stored rows}.
+
+    Raises FloatingPointError on NaN/Inf (the block encoders find them through their block maxima; for a cast,
+    one float32 sum is finite iff no element is NaN/Inf, 20x cheaper than isfinite().all() -- it could only
+    overflow for weights near float32's limit, which bf16/f32 can't hold either)."""
+    if out.format == "fp8_block":
+        if out.dtype in E8M0_TAGS:                                  # powers of two as E8M0 bytes
+            q, s = fp8.quantize(acc, out.block, True)
+            s = (torch.log2(s).round().to(torch.int32) + 127).to(torch.uint8)
+        else:                                                       # [r, N] e4m3, [r/B, Nb] f32/bf16/f16
+            q, s = fp8.quantize(acc, out.block, out.ue8m0, torch_dtype(out.dtype))
+        return {"weight": q, "scale": s}
+    if out.format == "mxfp4":
+        if out.naming == "blocks":                                  # gpt-oss: [r, in, out] -> codes over [r, out, in]
+            blocks, scales = mxfp4.quantize(acc.transpose(-1, -2))
+            return {"weight": blocks, "scales": scales}
+        blocks, scales = mxfp4.quantize(acc)
+        return {"weight": blocks.reshape(*acc.shape[:-1], -1), "scales": scales}
+    if out.format == "int4_pack":
+        packed, scale = int4.quantize(acc, torch_dtype(out.dtype))
+        return {"weight": packed, "scale": scale, "shape": torch.tensor(list(shape), dtype=torch.int64)}
+    if acc.is_floating_point() and not bool(torch.isfinite(acc.sum())):
+        raise FloatingPointError("non-finite value")
+    return {"weight": acc.to(torch_dtype(out.dtype))}
+
+
 def encode(acc: torch.Tensor, it, rows: tuple[int, int] | None) -> list[tuple[str, np.ndarray, int]]:
     """float32 rows [r, ...] of output tensor `it` -> (slot name, bytes, byte offset in the slot) to write."""
     r0 = rows[0] if rows else 0
-    if it.fp8_out:
-        try:
-            q, s = fp8.quantize(acc, it.block, it.ue8m0)    # [r, N] e4m3, [r/B, Nb] f32
-        except FloatingPointError:
-            raise non_finite(it.name) from None
-        return [(it.name, as_bytes(q), r0 * q.shape[1]),
-                (scale_name(it.name), as_bytes(s), (r0 // it.block) * s.shape[1] * 4)]
-    # one float32 sum is finite iff no element is NaN/Inf (20x cheaper than isfinite().all());
-    # it could only overflow for weights near float32's limit, which bf16/f32 can't hold either
-    if acc.is_floating_point() and not bool(torch.isfinite(acc.sum())):
-        raise non_finite(it.name)
-    t = acc.to(torch_dtype(it.dtype))
-    row_bytes = t[0].numel() * t.element_size() if t.dim() >= 2 else 0
-    return [(it.name, as_bytes(t), r0 * row_bytes)]
+    try:
+        enc = encode_rows(acc, it.out, it.shape)
+    except FloatingPointError:
+        raise non_finite(it.name) from None
+    parts = []
+    for role, name, tag, shape in it.parts():
+        per = it.out.rows_per(role)
+        if per == 0 and r0:                                         # written once, with the first rows
+            continue
+        row_bytes = ITEMSIZE[tag]
+        for d in shape[1:]:
+            row_bytes *= d
+        parts.append((name, as_bytes(enc[role]), (r0 // per) * row_bytes if per else 0))
+    return parts
 
 
 def as_bytes(t: torch.Tensor) -> np.ndarray:
@@ -66,8 +95,9 @@ def as_bytes(t: torch.Tensor) -> np.ndarray:
 
 def fused_applies(it, srcs) -> bool:
     """The fused block kernel needs FP8 in and out, the output's block size, whole column blocks."""
-    return (it.fp8_out and len(it.shape) == 2 and it.shape[0] > 0 and it.shape[1] % it.block == 0
-            and all(s.scale is not None and s.block == it.block for s in srcs))
+    return (it.fp8_out and it.out.dtype == "F32" and len(it.shape) == 2 and it.shape[0] > 0
+            and it.shape[1] % it.block == 0
+            and all(s.scale is not None and s.scale.dtype == "F32" and s.block == it.block for s in srcs))
 
 
 def mix_fp8_blocks(qs: list[torch.Tensor], ss: list[torch.Tensor], lams: torch.Tensor, ue8m0: bool = False,

@@ -6,11 +6,19 @@ ranges only, and can run in a thread, a process or on another machine sharing th
 
 Operations on one output tensor t (parents P_i, base B, lambda_i from the tensor's class or override):
 
-    copy  one lambda is 1 and the stored format is kept: the stored bytes (FP8 weight + its scale)
-          are copied verbatim, bit-exact
+    copy  one lambda is 1 and the stored format is kept: the stored bytes (the weight and every
+          companion: FP8 scale, MXFP4 blocks + scales, INT4 packed + scale + shape) are copied
+          verbatim, bit-exact
     cast  one lambda is 1 but the output format differs: dequantize/convert, then encode
-    mix   W_t = sum_i lambda_i * W_t(P_i) in float32, then encode (re-quantize per 128x128 block
-          for FP8)
+    mix   W_t = sum_i lambda_i * W_t(P_i) in float32, then encode in the output's format
+          (re-quantize per 128x128 block for FP8, per 32-block for MXFP4, per 32-group for INT4)
+
+The output format of a tensor (`formats.OutFormat`) is the recipe's `output.dtype`: `keep` writes the
+base's format (so parents stored otherwise, e.g. a bf16 fine-tune of an FP8 release, are converted);
+`bfloat16`/`float32` dequantize; `float8` quantizes the big projections. A fused experts tensor
+(`experts.gate_up_proj [E, ...]`) that a recipe's expert selector splits gets `segments`: each run of
+experts is copied or computed on its own. A mix or conversion chimera can't do (an opaque format such as
+NVFP4, an integer table) is refused here, naming the tensor and format, before anything is written.
 
 A selection is a copy whatever else the recipe says. With a threshold, a tensor whose parents are
 all within delta of the base (max_i d(P_i, B) < delta) is the base's stored bytes instead (`base`).
@@ -29,10 +37,10 @@ from pathlib import Path
 
 from chimera.checkpoint import arch
 from chimera.checkpoint.files import FLOAT_TAGS, Checkpoint
-from chimera.checkpoint.formats import Stored, block_format, scale_name, scale_shape
+from chimera.checkpoint.formats import OutFormat, Stored, block_format
 from chimera.checkpoint.writer import Slot, shard_size
 from chimera.errors import ChimeraError
-from chimera.merge.recipe import AGREE_KEYS, Recipe, Threshold
+from chimera.merge.recipe import AGREE_KEYS, Recipe, Threshold, expert_of
 
 OUT_TAG = {"bfloat16": "BF16", "float32": "F32"}
 FP8_CLASSES = {"attention", "dense_mlp", "shared_experts", "routed_experts"}
@@ -62,12 +70,24 @@ class Source:
 
 
 @dataclass(frozen=True)
+class Segment:
+    """Experts [lo, hi) of a fused `[E, ...]` experts tensor and what is done with them."""
+
+    lo: int
+    hi: int
+    op: str                              # copy | cast | mix
+    lambdas: tuple[tuple[str, float], ...]
+
+
+@dataclass(frozen=True)
 class Item:
     """One output tensor: what is computed and from which bytes.
 
     `op` is what happens when the tensor is merged; with a `threshold`, the tensor is the base's
     (`base_op`: a copy of its bytes, or a cast when the output format differs) where the parents'
-    distance to the base is below delta.
+    distance to the base is below delta. `segments` (a fused experts tensor whose experts an override
+    names) split the operation by runs of experts along axis 0; `op` is then copy only if every
+    segment copies.
     """
 
     name: str
@@ -76,20 +96,39 @@ class Item:
     lambdas: tuple[tuple[str, float], ...]
     sources: tuple[Source, ...]          # every parent (distances are measured against all of them)
     base: str
-    dtype: str                           # output safetensors tag of the weight
-    shape: tuple[int, ...]
-    fp8_out: bool = False                # write an FP8 weight + weight_scale_inv
-    ue8m0: bool = False
-    block: int = 128
+    out: OutFormat                       # how the output tensor is written (format, dtype, blocks, names)
+    shape: tuple[int, ...]               # the logical (dequantized) shape
     threshold: Threshold | None = None
     metric: str = "relative"             # distance recorded for this tensor
     base_op: str = "copy"                # copy | cast: how the base's version is written
+    segments: tuple[Segment, ...] = ()
+
+    @property
+    def dtype(self) -> str:
+        """The output's main stored dtype tag (F8_E4M3 for FP8 blocks)."""
+        return self.slots()[0].dtype
+
+    @property
+    def fp8_out(self) -> bool:
+        return self.out.fp8
+
+    @property
+    def ue8m0(self) -> bool:
+        return self.out.ue8m0
+
+    @property
+    def block(self) -> int:
+        return self.out.block
+
+    def parts(self) -> list[tuple[str, str, str, tuple[int, ...]]]:
+        """(role, stored name, dtype tag, stored shape) of every tensor written for this one (an opaque
+        format: the base's stored tensors, as they are)."""
+        if self.out.format == "opaque":
+            return [(r, t.name, t.dtype, t.shape) for r, t in self.source(self.base).stored.roles()]
+        return self.out.parts(self.name, self.shape)
 
     def slots(self) -> list[Slot]:
-        s = [Slot(self.name, self.dtype, self.shape)]
-        if self.fp8_out:
-            s.append(Slot(scale_name(self.name), "F32", scale_shape(self.shape, self.block)))
-        return s
+        return [Slot(n, tag, shape) for _, n, tag, shape in self.parts()]
 
     @property
     def nbytes(self) -> int:
@@ -101,11 +140,14 @@ class Item:
     @property
     def align(self) -> int:
         """Row chunks start at multiples of this: every FP8 block size involved (output and parents)."""
-        return math.lcm(self.block, *(s.block for s in self.sources if s.scale is not None))
+        return math.lcm(self.block if self.fp8_out else 1, *(s.block for s in self.sources if s.scale is not None))
 
     @property
     def others(self) -> list[Source]:
-        """The non-base parents, whose distance to the base is recorded (the largest one)."""
+        """The non-base parents, whose distance to the base is recorded (the largest one); none when a
+        parent stores the tensor in a format chimera can't read as numbers (opaque: copied only)."""
+        if any(s.stored.format == "opaque" for s in self.sources):
+            return []
         return [s for s in self.sources if s.parent != self.base]
 
 
@@ -222,29 +264,86 @@ def _check_agreement(cks: dict[str, Checkpoint], recipe: Recipe) -> dict[str, di
     return differ
 
 
-def _out_format(recipe: Recipe, info: Stored, cls: str | None) -> tuple[str, bool]:
-    """(output dtype tag, FP8 output?) of one tensor."""
+def _out_format(recipe: Recipe, info: Stored, cls: str | None, block: int, ue8m0: bool) -> OutFormat:
+    """How one output tensor is written, from the recipe's output dtype and the base's stored tensor."""
     if recipe.dtype == "keep":
-        return info.dtype, info.dtype.startswith("F8")
+        return OutFormat.like(info)
+    numeric_float = info.numeric and (info.format != "plain" or info.dtype in FLOAT_TAGS)
     if recipe.dtype == "float8":  # DeepSeek's choice: FP8 for the big projections only
-        if cls in FP8_CLASSES and len(info.shape) == 2 and info.dtype in FLOAT_TAGS:
-            return "F8_E4M3", True
-        return ("BF16" if info.dtype.startswith("F8") else info.dtype), False
-    if info.dtype in FLOAT_TAGS:
-        return OUT_TAG[recipe.dtype], False
-    return info.dtype, False
+        if cls in FP8_CLASSES and len(info.shape) == 2 and numeric_float:
+            return OutFormat("fp8_block", "F32", block, ue8m0, "scale_inv")
+        return OutFormat("plain", "BF16" if info.format != "plain" or info.dtype.startswith("F8") else info.dtype)
+    if numeric_float:
+        return OutFormat("plain", OUT_TAG[recipe.dtype])
+    return OutFormat.like(info)
 
 
-def _stored_as_output(src: Stored, dtype: str, fp8_out: bool, block: int, ue8m0: bool) -> bool:
-    """True when a parent's stored bytes are already the output's format (so a selection copies them).
+def _operation(name: str, lams: dict[str, float], stored: dict[str, Stored], out: OutFormat, base: Stored) -> str:
+    """copy / cast / mix of one tensor (or run of experts); a one-line error where chimera can't do it."""
+    if len(lams) == 1:
+        (p,) = lams
+        src = stored[p]
+        if out.format == "opaque":
+            if src.signature() == base.signature():
+                return "copy"
+            raise ChimeraError(f"tensor {name}: parent {p} stores it as {src.describe()} and the output keeps "
+                               f"{base.describe()}, which chimera can't convert (select it from a parent "
+                               f"stored alike)")
+        if out.accepts(src):
+            return "copy"
+        if not src.numeric:
+            raise ChimeraError(f"tensor {name}: parent {p} stores it as {src.describe()}, which chimera can't convert "
+                               f"to {out.describe()}")
+        return "cast"
+    bad = next((p for p in lams if not stored[p].numeric or (stored[p].format == "plain"
+                                                              and stored[p].dtype not in FLOAT_TAGS)), None)
+    if bad is not None or out.format == "opaque":
+        st = stored[bad] if bad is not None else base
+        what = f"dtype {st.dtype}" if st.format == "plain" else st.describe()
+        raise ChimeraError(f"{st.file}: tensor {name} has {what}, which cannot be mixed (mixing this format is "
+                           f"not implemented; select it from one parent)")
+    return "mix"
 
-    Power-of-two (ue8m0) scales are valid float scales, so they copy into a float-scale child; the
-    reverse needs re-quantization."""
-    if src.dtype != dtype:
-        return False
-    if not fp8_out:
-        return src.scale is None
-    return src.scale is not None and src.block == block and (src.ue8m0 or not ue8m0)
+
+def _segments(recipe: Recipe, name: str, cls: str | None, n_experts: int, stored: dict[str, Stored],
+              out: OutFormat, base: Stored) -> tuple[Segment, ...]:
+    """Runs of experts of a fused experts tensor with equal lambdas, each with its operation; () when the
+    recipe treats the tensor as a whole."""
+    per = recipe.expert_lambdas(name, cls, n_experts)
+    if all(lam == per[0] for lam in per):
+        return ()
+    segs: list[Segment] = []
+    lo = 0
+    for e in range(1, n_experts + 1):
+        if e == n_experts or per[e] != per[lo]:
+            lams = per[lo]
+            segs.append(Segment(lo, e, _operation(f"{name}[{lo}-{e - 1}]", lams, stored, out, base),
+                                tuple(sorted(lams.items()))))
+            lo = e
+    return tuple(segs)
+
+
+def _check_selectors(recipe: Recipe, names, a: arch.Arch) -> None:
+    """Every expert selector names routed experts that exist: one-line errors otherwise."""
+    paths: dict[str, int] = {}
+    for n in names:
+        r = a.role(n)
+        if r is not None and r.cls == "routed_experts" and r.layer is not None:
+            where = expert_of(n)
+            if where is not None:
+                paths[where[0]] = a.num_experts(r.layer)
+    for i, o in enumerate(recipe.overrides):
+        if not o.selector:
+            continue
+        from fnmatch import fnmatchcase
+
+        hit = {p: E for p, E in paths.items() if fnmatchcase(p, o.path)}
+        if not hit:
+            raise ChimeraError(f"recipe: overrides[{i}]: {o.match} matches no routed experts "
+                               f"(experts modules look like {next(iter(sorted(paths)), 'none')})")
+        for p, E in sorted(hit.items()):
+            if o.experts and max(o.experts) >= E:
+                raise ChimeraError(f"recipe: overrides[{i}]: {o.match}: {p} has experts 0-{E - 1}")
 
 
 def _out_config(recipe: Recipe, base_ck: Checkpoint) -> dict:
@@ -264,9 +363,8 @@ def build_plan(recipe: Recipe) -> Plan:
     and sources. Reads config files and safetensors headers only."""
     cks = {name: Checkpoint(path) for name, path in recipe.parents.items()}
     for name, ck in cks.items():
-        if not arch.supported(ck.model_type):
-            raise ChimeraError(f"{ck.path / 'config.json'}: unsupported architecture {ck.model_type!r} "
-                               f"(supported: {', '.join(sorted(arch.TABLES))})")
+        if not arch.of(ck.config).moe:  # one-line ChimeraError if transformers can't build it
+            raise ChimeraError(f"{ck.path / 'config.json'}: model_type {ck.model_type!r} has no MoE layers")
     _check_compatible(cks, recipe.base)
     resolved = _check_agreement(cks, recipe)
     base_ck = cks[recipe.base]
@@ -274,30 +372,37 @@ def build_plan(recipe: Recipe) -> Plan:
     out_block, out_ue8m0 = block_format(config.get("quantization_config"), "output config")
     stored = {n: ck.stored for n, ck in cks.items()}
     metric = recipe.threshold.metric if recipe.threshold else "relative"
+    base_arch = arch.of(base_ck.config)
+    _check_selectors(recipe, stored[recipe.base], base_arch)
     items: list[Item] = []
     unknown: list[str] = []
     for name in sorted(stored[recipe.base]):
         info = stored[recipe.base][name]
-        cls = arch.classify(name, base_ck.config)
+        role = base_arch.role(name)
+        cls = role.cls if role is not None and role.cls != "other" else None
         lams = recipe.lambdas(name, cls)
         if lams is None:
             unknown.append(name)
             continue
-        dtype, fp8_out = _out_format(recipe, info, cls)
-        if info.dtype not in FLOAT_TAGS and set(lams) != {recipe.base}:
-            raise ChimeraError(f"{info.file}: tensor {name} has dtype {info.dtype}, which cannot be mixed")
-        threshold = recipe.threshold if (recipe.threshold and recipe.threshold.delta > 0
-                                         and set(lams) != {recipe.base}) else None
-        sources = tuple(Source(p, stored[p][name]) for p in cks)
-        fmt = (dtype, fp8_out, out_block, out_ue8m0)
-        if len(lams) == 1:
-            (p,) = lams
-            op = "copy" if _stored_as_output(stored[p][name], *fmt) else "cast"
+        out = _out_format(recipe, info, cls, out_block, out_ue8m0)
+        at = {p: stored[p][name] for p in cks}
+        segments = ()
+        if role is not None and role.fused and info.shape:
+            segments = _segments(recipe, name, cls, info.shape[0], at, out, info)
+        if segments:  # `lambdas` stay the tensor's own (class/glob); the segments carry each run's
+            ops = {sg.op for sg in segments}
+            op = "copy" if ops == {"copy"} else ("mix" if "mix" in ops else "cast")
         else:
-            op = "mix"
-        base_op = "copy" if _stored_as_output(info, *fmt) else "cast"
-        items.append(Item(name, cls, op, tuple(sorted(lams.items())), sources, recipe.base, dtype, info.shape,
-                          fp8_out, out_ue8m0, out_block, threshold, metric, base_op))
+            op = _operation(name, lams, at, out, info)
+        involved = set(lams) | {p_ for sg in segments for p_, _ in sg.lambdas}
+        threshold = recipe.threshold if (recipe.threshold and recipe.threshold.delta > 0
+                                         and involved != {recipe.base}) else None
+        if any(st.format == "opaque" for st in at.values()):
+            threshold = None  # no distance without numbers: the selection stands
+        sources = tuple(Source(p, stored[p][name]) for p in cks)
+        base_op = _operation(name, {recipe.base: 1.0}, at, out, info)
+        items.append(Item(name, cls, op, tuple(sorted(lams.items())), sources, recipe.base, out, info.shape,
+                          threshold, metric, base_op, segments))
     if unknown:
         raise ChimeraError(f"{base_ck.path}: {len(unknown)} tensor name(s) not known for {base_ck.model_type} "
                            f"and not covered by an override: {', '.join(unknown[:3])}")
@@ -318,3 +423,18 @@ def build_plan(recipe: Recipe) -> Plan:
     plan_id = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return Plan(recipe, base_ck.model_type, config, jobs, plan_id, parent_bytes, resolved,
                 base_ck.side_files(SIDE_SKIP), metric)
+
+
+def formats_summary(plan: Plan) -> dict:
+    """What the plan writes in which format, and what it converts: {"output": {format: tensors},
+    "converted": {"stored -> output": tensors}} (a selection that is not a copy converts)."""
+    out: Counter = Counter()
+    conv: Counter = Counter()
+    for it in plan.items:
+        out[it.out.describe()] += 1
+        for p, _ in it.lambdas:
+            src = it.source(p).stored
+            if not it.out.accepts(src) and it.out.format != "opaque":
+                conv[f"{src.describe()} -> {it.out.describe()}"] += 1
+    return {"output": dict(out.most_common()), "converted": dict(conv.most_common()),
+            "segments": sum(1 for it in plan.items if it.segments)}

@@ -8,14 +8,16 @@ chimera's schema:
       default: {v3: 1.0}
       routed_experts: {r1: 1.0}
     threshold: {delta: 0.0, metric: relative}     # optional
-    overrides: [{match: "model.layers.61.*", weights: {v3: 1.0}}]   # optional, first match wins
+    overrides:                    # optional, first match wins
+      - {match: "model.layers.61.*", weights: {v3: 1.0}}                    # a glob over on-disk tensor names
+      - {match: "model.layers.3.mlp.experts[5,7-9]", weights: {r1: 1.0}}    # single experts, any layout
     output: {dtype: keep, shard_size: 5GB}
     normalize: false              # optional: rescale lambdas that do not sum to 1
     use_base_config: [quantization_config, num_experts_per_tok]   # optional, see AGREE_KEYS
 """
 from __future__ import annotations
 
-import fnmatch
+from fnmatch import fnmatchcase
 import math
 import re
 from dataclasses import dataclass, field
@@ -38,13 +40,67 @@ ROUTING_KEYS = ("n_routed_experts", "num_experts_per_tok", "n_group", "topk_grou
 AGREE_KEYS = ("quantization_config",) + ROUTING_KEYS
 
 
+_SELECTOR_RE = re.compile(r"^(?P<path>.*experts)\[(?P<spec>[^\]]*)\]$")
+_PER_EXPERT_RE = re.compile(r"^(?P<path>.*\bexperts)\.(?P<e>\d+)\.")
+_FUSED_RE = re.compile(r"^(?P<path>.*\bexperts)\.[^.]+$")
+
+
+def parse_selector(match: str, where: str) -> tuple[str, frozenset[int] | None] | None:
+    """`PATH[SPEC]` -> (PATH glob, expert set; None for `[*]`), or None for a plain glob.
+
+    PATH names an experts module as on disk (`model.layers.3.mlp.experts`, globs allowed); SPEC is `*` or a
+    comma list of expert indices and ranges (`5`, `0-7,12`). The selector picks those experts whether the file
+    stores them per expert (`experts.5.gate_proj.weight`) or fused along axis 0 (`experts.gate_up_proj [E, ...]`).
+    """
+    if "[" not in match or not match.endswith("]"):
+        return None
+    m = _SELECTOR_RE.match(match)
+    if m is None:
+        raise ChimeraError(f"{where}: {match!r}: an expert selector names an experts module, e.g. "
+                           f"model.layers.3.mlp.experts[5]")
+    spec = m.group("spec").replace(" ", "")
+    if spec == "*":
+        return m.group("path"), None
+    experts: set[int] = set()
+    for part in spec.split(","):
+        r = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        if r is None or (r.group(2) is not None and int(r.group(2)) < int(r.group(1))):
+            raise ChimeraError(f"{where}: {match!r}: bad expert list {spec!r} (use E, A-B or A,B,...; * for all)")
+        experts.update(range(int(r.group(1)), int(r.group(2) or r.group(1)) + 1))
+    return m.group("path"), frozenset(experts)
+
+
+def expert_of(name: str) -> tuple[str, int | None] | None:
+    """(experts-module path, expert index) of a per-expert tensor name; (path, None) for a fused one; else None."""
+    m = _PER_EXPERT_RE.match(name)
+    if m is not None:
+        return m.group("path"), int(m.group("e"))
+    m = _FUSED_RE.match(name)
+    if m is not None:
+        return m.group("path"), None
+    return None
+
+
 @dataclass(frozen=True)
 class Override:
     match: str
     weights: dict[str, float]
+    path: str | None = None                   # expert selector: experts-module glob ...
+    experts: frozenset[int] | None = None     # ... and its experts (None: all)
 
-    def matches(self, name: str) -> bool:
-        return fnmatch.fnmatchcase(name, self.match)
+    @property
+    def selector(self) -> bool:
+        return self.path is not None
+
+    def matches(self, name: str, expert: int | None = None) -> bool:
+        """Whether the override applies to tensor `name` (for a fused experts tensor: to its expert `expert`)."""
+        if not self.selector:
+            return fnmatchcase(name, self.match)
+        where = expert_of(name)
+        if where is None or not fnmatchcase(where[0], self.path):
+            return False
+        e = where[1] if where[1] is not None else expert
+        return e is not None and (self.experts is None or e in self.experts)
 
 
 @dataclass(frozen=True)
@@ -80,14 +136,19 @@ class Recipe:
     def from_dict(cls, d: dict, root: str | Path | None = None) -> "Recipe":
         return from_dict(d, "recipe", Path(root) if root is not None else None)
 
-    def lambdas(self, name: str, cls: str | None) -> dict[str, float] | None:
-        """The lambda vector for one tensor: first matching override, else its class, else default."""
+    def lambdas(self, name: str, cls: str | None, expert: int | None = None) -> dict[str, float] | None:
+        """The lambda vector for one tensor (or one expert of a fused experts tensor): first matching override,
+        else its class, else default."""
         for o in self.overrides:
-            if o.matches(name):
+            if o.matches(name, expert):
                 return o.weights
         if cls is None:
             return None
         return self.weights.get(cls, self.weights["default"])
+
+    def expert_lambdas(self, name: str, cls: str | None, num_experts: int) -> list[dict[str, float] | None]:
+        """Per expert, the lambda vector of a fused `[E, ...]` experts tensor."""
+        return [self.lambdas(name, cls, e) for e in range(num_experts)]
 
     def to_dict(self) -> dict:
         d: dict = {"parents": {k: str(v) for k, v in self.parents.items()}, "base": self.base,
@@ -186,7 +247,10 @@ def from_dict(d: dict, where: str = "recipe", root: Path | None = None) -> Recip
     for i, o in enumerate(d.get("overrides") or []):
         if not isinstance(o, dict) or "match" not in o or "weights" not in o:
             raise ChimeraError(f"{where}: overrides[{i}] needs `match` (a glob) and `weights`")
-        overrides.append(Override(str(o["match"]), _lambda_vector(o["weights"], parents, f"{where}: overrides[{i}]", normalize)))
+        match = str(o["match"])
+        sel = parse_selector(match, f"{where}: overrides[{i}]")
+        lam = _lambda_vector(o["weights"], parents, f"{where}: overrides[{i}]", normalize)
+        overrides.append(Override(match, lam, *(sel if sel else (None, None))))
     out = d.get("output") or {}
     dtype = str(out.get("dtype", "keep"))
     if dtype not in OUT_DTYPES:

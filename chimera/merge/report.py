@@ -12,7 +12,7 @@ from chimera.checkpoint.decode import read_array
 from chimera.checkpoint.files import Checkpoint
 from chimera.errors import ChimeraError
 from chimera.merge.distance import CHUNK_ELEMS, Norms, ToBase, row_chunks
-from chimera.merge.plan import Plan
+from chimera.merge.plan import Plan, formats_summary
 from chimera.merge.recipe import METRICS
 
 
@@ -56,7 +56,8 @@ def plan_report(plan: Plan, with_distances: bool = False, metric: str | None = N
                 op, lams = "base", ((it.base, 1.0),)
         if op == "copy" or (op == "base" and it.base_op == "copy"):
             copied += it.nbytes
-        key = (it.cls or "override", op, _lambdas(lams))
+        key = (it.cls or "override", op,
+               f"per expert ({len(it.segments)} runs)" if it.segments and op != "base" else _lambdas(lams))
         g = groups.setdefault(key, {"class": key[0], "op": op, "lambdas": key[2], "tensors": 0, "bytes": 0})
         g["tensors"] += 1
         g["bytes"] += it.nbytes
@@ -71,7 +72,7 @@ def plan_report(plan: Plan, with_distances: bool = False, metric: str | None = N
     if with_distances or summary["thresholded"] == 0:
         summary["copy_bytes"], summary["computed_bytes"] = copied, summary["output_bytes"] - copied
     rep: dict = {"plan_id": plan.plan_id, "rows": list(groups.values()), "summary": summary,
-                 "config_from_base": plan.resolved}
+                 "config_from_base": plan.resolved, "formats": formats_summary(plan)}
     if with_distances:
         rep["metric"] = metric
         rep["distances"] = dist
@@ -104,7 +105,7 @@ def diff_checkpoints(a: str | Path, b: str | Path, metric: str = "relative", chu
         for rows_ in row_chunks(la[name].shape, align, chunk_elems):
             n.add(read_array(la[name], rows_), read_array(lb[name], rows_))
         m = re.search(r"layers\.(\d+)\.", name)
-        rows.append({"tensor": name, "class": arch.classify(name, ca.config) if arch.supported(ca.model_type) else None,
+        rows.append({"tensor": name, "class": arch.classify(name, ca.config) if arch.supported(ca.config) else None,
                      "layer": int(m.group(1)) if m else -1, "distance": n.distance(metric)})
         if progress:
             progress(done, len(la))

@@ -1,10 +1,13 @@
 """One output tensor's path: decide its operation, stream it in row chunks into its slot, record it.
 
     threshold?  d = max_i d(P_i, B) over the whole tensor first; d < delta -> the base's version
-    copy        the selected parent's stored bytes, chunk by chunk (kernel copy; FP8 scale too)
-    cast, mix   per chunk: read rows as float32, acc = sum_i lambda_i * x_i, encode, write
-                (FP8 in and out with whole 128-column blocks: the fused block kernel instead, whatever the
-                chunking, so the chunk size never changes the bytes)
+    copy        the selected parent's stored bytes, chunk by chunk (kernel copy; its companions too: FP8
+                scale, MXFP4 scales, INT4 scale and shape)
+    cast, mix   per chunk: read rows as float32, acc = sum_i lambda_i * x_i, encode in the output's
+                format, write (FP8 in and out with whole 128-column blocks: the fused block kernel
+                instead, whatever the chunking, so the chunk size never changes the bytes)
+    segments    a fused experts tensor split by an expert selector: each run of experts [lo, hi) is
+                copied (those rows of every stored part) or computed on its own
 
 The record's distance (to the base, every non-base parent, the plan's metric) is measured from the
 same chunks as the data pass reads. Memory: a few row chunks, never a tensor. A copy imports no torch.
@@ -12,7 +15,6 @@ same chunks as the data pass reads. Memory: a few row chunks, never a tensor. A 
 from __future__ import annotations
 
 from chimera.checkpoint.files import TensorInfo
-from chimera.checkpoint.formats import scale_name
 from chimera.checkpoint.writer import ShardFile
 from chimera.merge.distance import CHUNK_ELEMS, ToBase, distance_to_base, row_chunks
 from chimera.merge.plan import Item
@@ -30,24 +32,48 @@ def run_tensor(it: Item, out: ShardFile, *, compiled: bool = False, chunk_elems:
         if not dist >= it.threshold.delta:
             op, lams = it.base_op, ((it.base, 1.0),)
             rec["op"], rec["lambdas"] = "base", {it.base: 1.0}
-    measure = ToBase(it) if (distances and dist is None and it.others) else None
     chunks = row_chunks(it.shape, it.align, chunk_elems)
-    if op == "copy":
-        src = it.source(lams[0][0])
-        for rows in chunks:
-            if measure:
-                measure.add(rows)
-            _copy_rows(out, it.name, src.weight, rows)
-        if it.fp8_out:
-            s = src.scale
-            out.copy_from(scale_name(it.name), s.file, s.start, s.nbytes)
+    if it.segments and rec["op"] != "base":
+        if distances and dist is None and it.others:
+            dist = distance_to_base(it, chunk_elems=chunk_elems)
+        rec["segments"] = []
+        for sg in it.segments:
+            rows = [(max(a, sg.lo), min(b, sg.hi)) for a, b in chunks if min(b, sg.hi) > max(a, sg.lo)]
+            if sg.op == "copy":
+                _copy(it, out, it.source(sg.lambdas[0][0]).stored, rows, whole=False, measure=None)
+            else:
+                _compute(it, out, sg.lambdas, rows, None, compiled)
+            rec["segments"].append({"experts": [sg.lo, sg.hi - 1], "op": sg.op, "lambdas": dict(sg.lambdas)})
+        measure = None
     else:
-        rec["kernel"] = _compute(it, out, lams, chunks, measure, compiled)
+        measure = ToBase(it) if (distances and dist is None and it.others) else None
+        if op == "copy":
+            _copy(it, out, it.source(lams[0][0]).stored, chunks, whole=True, measure=measure)
+        else:
+            rec["kernel"] = _compute(it, out, lams, chunks, measure, compiled)
     if measure:
         dist = measure.value()
     if dist is not None:
         rec["distance"] = dist
     return rec
+
+
+def _copy(it: Item, out: ShardFile, src, chunks, whole: bool, measure: ToBase | None) -> None:
+    """The stored bytes of `src` into `it`'s slots: the main tensor by row chunks (measuring as it goes),
+    its companions whole (`whole`) or, for a run of experts, the same rows of every part."""
+    parts = dict(src.roles())
+    names = [(role, name) for role, name, _, _ in it.parts()]
+    for rows in chunks:
+        if measure:
+            measure.add(rows)
+        for role, name in names:
+            if role == "weight" or not whole:
+                _copy_rows(out, name, parts[role], rows)
+    if whole:
+        for role, name in names:
+            if role != "weight":
+                t = parts[role]
+                out.copy_from(name, t.file, t.start, t.nbytes)
 
 
 def _copy_rows(out: ShardFile, name: str, info: TensorInfo, rows: tuple[int, int] | None) -> None:
@@ -82,8 +108,9 @@ def _compute(it: Item, out: ShardFile, lams, chunks, measure: ToBase | None, com
             q, sc, amax = k(qs, ss, lam_t, it.ue8m0, it.block)
             if not bool(torch.isfinite(amax).all()):
                 raise mix.non_finite(it.name)
-            parts = [(it.name, mix.as_bytes(q), rows[0] * q.shape[1]),
-                     (scale_name(it.name), mix.as_bytes(sc), rs[0] * sc.shape[1] * 4)]
+            (_, wname, _, _), (_, sname, _, _) = it.parts()
+            parts = [(wname, mix.as_bytes(q), rows[0] * q.shape[1]),
+                     (sname, mix.as_bytes(sc), rs[0] * sc.shape[1] * 4)]
         else:
             need = {p for p, _ in lams} | ({s.parent for s in it.sources} if measure else set())
             arrays = {p: read_array(it.source(p).stored, rows) for p in sorted(need)}

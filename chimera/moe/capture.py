@@ -48,8 +48,11 @@ class RoutingRecorder(contextlib.AbstractContextManager):
         self._handles = []
 
     def _hook(self, layer: int):
-        def hook(module, inputs, output):
-            self.records[layer].append((output[2].detach(), output[1].detach().float()))
+        adapter = self.layers[layer].adapter
+
+        def hook(module, args, output):
+            index, weights = adapter.read(output, args)
+            self.records[layer].append((index.detach(), weights.detach().float()))
         return hook
 
     def _norm_hook(self, layer: int):

@@ -58,7 +58,7 @@ def _masks(layers: dict[int, MoELayer], experts: list[Expert]) -> dict[int, torc
     for layer, expert in experts:
         info = layers[layer]
         if layer not in masks:
-            w = info.adapter.module.weight
+            w = next(info.adapter.module.parameters())
             masks[layer] = torch.zeros(info.adapter.num_experts, dtype=torch.bool, device=w.device)
         masks[layer][expert] = True
     return masks
@@ -86,10 +86,9 @@ def plan(model: nn.Module, off=(), on=(), mode: str = "replace"):
 
 # ------------------------------------------------------------------------------------------- live switch
 def _make_hook(adapter, off, force, mode):
-    def hook(module, inputs, output):
-        router_logits = output[0]
-        weights, index = adapter.select(router_logits, off, force, mode)
-        return (router_logits, weights, index) + tuple(output[3:])
+    def hook(module, args, output):
+        weights, index = adapter.select(adapter.logits(output, args), off, force, mode, args)
+        return adapter.pack(output, weights, index)
 
     return hook
 
@@ -98,25 +97,26 @@ def _make_hook(adapter, off, force, mode):
 def switched(model: nn.Module, off=(), on=(), mode: str = "replace") -> Iterator[dict]:
     """Switch routed experts off (`off`, by `mode`) or force them on (`on`) while the context is active.
 
-    `off`/`on` are lists of `(layer, expert)` or specs accepted by `parse_experts`. DeepSeek-V3 `replace`
-    and force switches write OFF_BIAS / ON_BIAS into the router's `e_score_correction_bias` buffer (what the
-    router adapter's hook would compute, at no cost per token; the persisted `tune` writes the same values);
-    every other switch is a forward hook that re-runs the architecture's own selection with the masks. On
-    exit the buffers are restored bit for bit and the hooks removed, so the model is exactly as before.
+    `off`/`on` are lists of `(layer, expert)` or specs accepted by `parse_experts`. On routers with a
+    selection-only bias (DeepSeek-V3/V3.2/V4, Kimi K2, GLM-4.5, dots1, MiniMax-M2, ERNIE-4.5) `replace` and
+    force switches write OFF_BIAS / ON_BIAS into that bias (what the router adapter's hook would compute, at
+    no cost per token; the persisted `tune` writes the same values); every other switch is a forward hook
+    that re-runs the architecture's own selection with the masks. On exit the biases are restored bit for
+    bit and the hooks removed, so the model is exactly as before.
     Yields the validated plan {layer: (MoELayer, off_mask, force_mask)}.
     """
     p = plan(model, off, on, mode)
     handles, saved = [], []
     try:
         for layer, (info, o, f) in p.items():
-            if getattr(info.adapter, "has_bias", False) and mode == "replace":
-                bias = info.adapter.module.e_score_correction_bias
+            if info.adapter.bias_kind == "selection" and mode == "replace":
+                bias = info.adapter.bias
                 saved.append((bias, bias.detach().clone()))
                 with torch.no_grad():
                     if o is not None:
-                        bias.masked_fill_(o, OFF_BIAS)
+                        bias.masked_fill_(o.view(bias.shape), OFF_BIAS)
                     if f is not None:
-                        bias.masked_fill_(f, ON_BIAS)
+                        bias.masked_fill_(f.view(bias.shape), ON_BIAS)
             else:
                 handles.append(info.adapter.module.register_forward_hook(_make_hook(info.adapter, o, f, mode)))
         yield p
@@ -129,19 +129,57 @@ def switched(model: nn.Module, off=(), on=(), mode: str = "replace") -> Iterator
 
 
 # -------------------------------------------------------------------------------------- persisted switch
-_NO_BIAS = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe"}
+def _tune_targets(src: Path, cfg: dict, off_l: list[Expert], on_l: list[Expert]) -> dict[str, tuple[int, str]]:
+    """{in-memory bias name: (layer, router class)} for the switched layers, after checking that each
+    layer's router has a bias a persisted switch can use (one-line errors otherwise)."""
+    from chimera.checkpoint import arch as arch_mod
+    from chimera.moe.routers import adapter_class, adapter_for
 
-
-def _bias_name(layer: int) -> str:
-    return f"model.layers.{layer}.mlp.gate.e_score_correction_bias"
+    arch = arch_mod.of(cfg)
+    mt = cfg.get("model_type")
+    if not arch.moe:
+        raise ChimeraError(f"{src}: unknown architecture model_type={mt!r}: no MoE layers to switch")
+    moe = {L: b.num_experts for L, b in arch.moe.items()}
+    check_experts(off_l, moe, arch.n_layers, "off expert")
+    check_experts(on_l, moe, arch.n_layers, "on expert")
+    modules = dict(arch.model.named_modules())
+    targets: dict[str, tuple[int, str]] = {}
+    for L in sorted({L for L, _ in off_l + on_l}):
+        b = arch.moe[L]
+        klass = adapter_class(b.router_class)
+        if klass is None:
+            raise ChimeraError(f"{src}: no router adapter for {b.router_class} (model_type {mt}, layer {L})")
+        if klass.table_routed:
+            raise ChimeraError(f"{src}: layer {L} of {mt} routes by a token table (tid2eid), where a bias does "
+                               f"nothing: a persisted switch is not possible there (live switches: mode drop)")
+        if klass.bias_kind is None:
+            raise ChimeraError(f"{src}: a persisted switch is not possible for {mt}: its router ({b.router_class}) "
+                               f"has no selection bias; use the live switch (--off on generate/eval)")
+        forced = [e for L2, e in on_l if L2 == L]
+        if forced and klass.bias_kind == "logits":
+            raise ChimeraError(f"{src}: {mt} adds its router bias to the logits, so a persisted force-on would also "
+                               f"give expert {L}:{forced[0]} all the weight: only switch-offs can be persisted "
+                               f"(use the live switch --on)")
+        o = torch.zeros(b.num_experts, dtype=torch.bool)
+        f = torch.zeros(b.num_experts, dtype=torch.bool)
+        o[[e for L2, e in off_l if L2 == L]] = True
+        f[forced] = True
+        adapter_for(modules[b.router], modules[b.path]).check_masks(o if o.any() else None, f if f.any() else None,
+                                                                     "replace", f"layer {L}")
+        owner = b.path if klass.bias_on_block else b.router
+        targets[f"{owner}.{klass.bias_attr}"] = (L, b.router_class)
+    return targets
 
 
 def tune_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, off=(), on=(), mode: str = "replace",
                     value: float = OFF_BIAS) -> dict:
-    """Persist a `replace` switch in a DeepSeek-V3 checkpoint: copy `src` to `dst` unchanged except that
-    `model.layers.L.mlp.gate.e_score_correction_bias[e]` becomes `value` (large negative) for each switched-off
-    expert and `ON_BIAS` for each forced one. Only the bias bytes change (patched in place in the copied
-    shard); `src` is never modified; `dst` is written to a temp dir then renamed. Returns a summary dict.
+    """Persist a `replace` switch in a checkpoint whose router has a bias the engines honour: copy `src` to `dst`
+    unchanged except that the router bias of each switched layer (DeepSeek `mlp.gate.e_score_correction_bias`,
+    MiniMax `block_sparse_moe.e_score_correction_bias`, ERNIE `mlp.moe_statics.e_score_correction_bias`,
+    gpt-oss `mlp.router.bias`, DeepSeek-V4 `ffn.gate.bias`, ... as named on disk) becomes `value` (large
+    negative) for each switched-off expert and `ON_BIAS` for each forced one. Only the bias bytes change
+    (patched in place in the copied shard); `src` is never modified; `dst` is written to a temp dir then
+    renamed. Returns a summary dict.
     """
     src, dst = Path(src), Path(dst)
     if mode != "replace":
@@ -150,32 +188,18 @@ def tune_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, off=(), on=(
     cfg_path = src / "config.json"
     if not cfg_path.is_file():
         raise ChimeraError(f"{src}: not a checkpoint directory (no config.json)")
-    cfg = json.loads(cfg_path.read_text())
-    mt = cfg.get("model_type")
-    if mt in _NO_BIAS:
-        raise ChimeraError(f"{src}: a persisted switch is not possible for {mt}: its router has no selection bias "
-                           f"(e_score_correction_bias); use the live switch (--off on generate/eval)")
-    if mt != "deepseek_v3":
-        raise ChimeraError(f"{src}: unknown architecture model_type={mt!r}: persisted switches support deepseek_v3 only")
-    if cfg.get("topk_method", "noaux_tc") != "noaux_tc":
-        raise ChimeraError(f"{src}: topk_method={cfg.get('topk_method')!r} has no selection bias (need noaux_tc)")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (OSError, ValueError) as e:
+        raise ChimeraError(f"{cfg_path}: unreadable ({type(e).__name__})") from None
     off_l, on_l = parse_experts(off), parse_experts(on)
     if not off_l and not on_l:
         raise ChimeraError("nothing to tune: give at least one expert with --off")
-    n_layers = int(cfg["num_hidden_layers"])
-    first = int(cfg.get("first_k_dense_replace", 0))
-    n_exp = int(cfg.get("n_routed_experts", cfg.get("num_local_experts", 0)))
-    moe = {L: n_exp for L in range(first, n_layers)}
-    check_experts(off_l, moe, n_layers, "off expert")
-    check_experts(on_l, moe, n_layers, "on expert")
     both = set(off_l) & set(on_l)
     if both:
         L, e = sorted(both)[0]
         raise ChimeraError(f"expert {L}:{e} is both switched off and forced on")
-    top_k = int(cfg.get("num_experts_per_tok", 0))
-    for L in {L for L, _ in on_l}:
-        if sum(1 for l2, _ in on_l if l2 == L) > top_k:
-            raise ChimeraError(f"layer {L}: more experts forced on than num_experts_per_tok={top_k}")
+    targets = _tune_targets(src, cfg, off_l, on_l)
 
     try:
         if dst.resolve() == src.resolve() or src.resolve() in dst.resolve().parents:
@@ -185,17 +209,24 @@ def tune_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, off=(), on=(
     if dst.exists():
         raise ChimeraError(f"{dst}: output already exists")
 
+    from chimera.checkpoint import arch as arch_mod
+
     tensors = Checkpoint(src).tensors  # headers read and checked by the checkpoint layer
+    arch = arch_mod.of(cfg)
+    on_disk = {arch.memory_name(n): n for n in tensors}
+    names: dict[int, str] = {}
+    for mem, (L, router_class) in targets.items():
+        if mem not in on_disk:
+            raise ChimeraError(f"{src}: the router bias of layer {L} ({mem} in memory) is not in the checkpoint")
+        names[L] = on_disk[mem]
     changes: dict[str, dict[int, float]] = {}
     for L, e in off_l:
-        changes.setdefault(_bias_name(L), {})[e] = float(value)
+        changes.setdefault(names[L], {})[e] = float(value)
     for L, e in on_l:
-        changes.setdefault(_bias_name(L), {})[e] = float(ON_BIAS)
+        changes.setdefault(names[L], {})[e] = float(ON_BIAS)
     for name in changes:
-        if name not in tensors:
-            raise ChimeraError(f"{src}: tensor {name} not in the checkpoint")
         info = tensors[name]
-        if info.dtype not in ("F32", "F16", "BF16", "F64") or len(info.shape) != 1:
+        if info.dtype not in ("F32", "F16", "BF16", "F64") or info.numel != max(info.shape, default=0):
             raise ChimeraError(f"{info.file}: {name} has dtype {info.dtype} shape {list(info.shape)}; "
                                f"expected a 1-D float bias")
         if info.numel <= max(changes[name]):
@@ -208,7 +239,7 @@ def tune_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, off=(), on=(
         shutil.copytree(src, tmp, dirs_exist_ok=True, copy_function=shutil.copy2)
         for name, new_values in changes.items():
             info = tensors[name]
-            t = read_tensor(info)                     # the stored bias [E], patched at the same offset
+            t = read_tensor(info).reshape(-1)         # the stored bias [E] (ERNIE: [1, E]), patched in place
             old = {e: float(t[e]) for e in new_values}
             for e, v in new_values.items():
                 t[e] = v
