@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,6 +129,7 @@ def run_point(task: dict) -> dict:
     rec = {"id": p.id, "kind": p.kind, "label": p.label, "coords": p.coords, "recipe": p.recipe,
            "model": p.model, "key": task["key"], "settings": settings.to_dict(),
            "endpoint": bool(endpoint), "merge": merge_info, "seconds": round(time.time() - t0, 2),
+           "ran_on": {"host": socket.gethostname(), "pid": os.getpid()},
            "report": report}
     path = out / POINTS_DIR / f"{p.id}.json"
     tmp = path.with_name(f".{p.id}.{os.getpid()}.json.partial")
