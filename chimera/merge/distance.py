@@ -1,6 +1,8 @@
 """Normalized distances between two parents' versions of a tensor (threshold delta, `chimera diff`).
 
-On dequantized float32 values A (a parent) and B (the base), accumulated in float64 over row chunks:
+On dequantized float32 values A (a parent) and B (the base), accumulated in float64 over row chunks
+(converted to float64 a tile of TILE elements at a time, so the temporaries stay a few MB whatever
+the chunk):
 
     relative   d = ||A - B||_F / ||B||_F
     symmetric  d = 2 ||A - B||_F / (||A||_F + ||B||_F)
@@ -16,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+TILE = 1 << 18  # elements per float64 tile (2 MB)
+
 
 @dataclass
 class Norms:
@@ -27,10 +31,13 @@ class Norms:
     numel: int = 0
 
     def add(self, a: torch.Tensor, b: torch.Tensor) -> None:
-        a64, b64 = a.to(torch.float64), b.to(torch.float64)
-        self.diff2 += float(torch.sum((a64 - b64) ** 2))
-        self.a2 += float(torch.sum(a64 * a64))
-        self.b2 += float(torch.sum(b64 * b64))
+        a, b = a.reshape(-1), b.reshape(-1)
+        for i in range(0, a.numel(), TILE):
+            a64, b64 = a[i:i + TILE].to(torch.float64), b[i:i + TILE].to(torch.float64)   # [TILE]
+            self.a2 += float(torch.dot(a64, a64))
+            self.b2 += float(torch.dot(b64, b64))
+            d = a64.sub_(b64)
+            self.diff2 += float(torch.dot(d, d))
         self.numel += a.numel()
 
     def distance(self, metric: str) -> float:
