@@ -29,7 +29,7 @@ from common import REPO, ROOT, load1, write_result  # noqa: E402
 
 sys.path.insert(0, str(REPO))
 from chimera.checkpoint import fp8  # noqa: E402
-from chimera.merge import mix  # noqa: E402
+from chimera.merge import kernels, mix  # noqa: E402
 
 GOAL_FRACTION = 0.70
 
@@ -84,9 +84,10 @@ def main() -> None:
                      "fraction_of_copy_bw": round(gps * bytes_per_param / copy_bw, 3)}
     # the device path must give the CPU path's bytes (or differ by at most one FP8 code, see README)
     q_dev, s_dev, _ = kernels["fp8 mix, torch.compile"](qs, ss, lam)
-    q_cpu, s_cpu, _ = mix.mix_fp8([q.cpu() for q in qs], [s.cpu() for s in ss], [0.5, 0.5])
-    d = (q_dev.cpu().view(torch.uint8).int() - q_cpu.view(torch.uint8).int()).abs()
-    res["compiled_vs_cpu"] = {"scales_equal": bool(torch.equal(s_dev.cpu(), s_cpu)),
+    q_cpu, s_cpu, _ = kernels.mix_fp8([q.cpu().view(torch.uint8).numpy() for q in qs], [s.cpu().numpy() for s in ss],
+                                      [0.5, 0.5])
+    d = (q_dev.cpu().view(torch.uint8).int() - torch.from_numpy(q_cpu).int()).abs()
+    res["compiled_vs_cpu"] = {"scales_equal": bool(torch.equal(s_dev.cpu(), torch.from_numpy(s_cpu))),
                               "codes_differing": int((d > 0).sum()), "max_code_diff": int(d.max())}
 
     x, y = (torch.randn(r, n, device=dev, generator=g).to(torch.bfloat16) for _ in range(2))

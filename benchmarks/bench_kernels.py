@@ -21,7 +21,7 @@ from common import REPO, timed, write_result  # noqa: E402
 
 sys.path.insert(0, str(REPO))
 from chimera.checkpoint import fp8  # noqa: E402
-from chimera.merge import mix, native  # noqa: E402
+from chimera.merge import kernels, mix, native  # noqa: E402
 
 
 def main() -> None:
@@ -37,20 +37,23 @@ def main() -> None:
     ss = [torch.rand(fp8.scale_shape((r, n)), generator=g) * 1e-2 + 1e-4 for _ in range(2)]
     w = fp8.dequantize(qs[0], ss[0])
     lam_t = torch.tensor([0.5, 0.5])
+    xr, yr = (t.view(torch.int16).numpy().view("uint16") for t in (x, y))         # stored bytes
+    qr, sr = [q.view(torch.uint8).numpy() for q in qs], [s.numpy() for s in ss]
+    wr = w.numpy()
     assert native.lib() is not None, native.build_error
 
     cases = {
         "copy bf16 (yardstick)": lambda: x.clone(),
         "copy fp8 (yardstick)": lambda: qs[0].clone(),
-        "bf16 mix, fused C": lambda: mix.mix_float([x, y], [0.5, 0.5], torch.bfloat16),
+        "bf16 mix, fused C": lambda: kernels.mix_float([xr, yr], ["BF16", "BF16"], [0.5, 0.5], "BF16"),
         "bf16 mix, torch lerp (one op, reference)": lambda: torch.lerp(x, y, 0.5),
-        "bf16 mix, torch tiles (fallback)": lambda: _torch(mix.mix_float, [x, y], [0.5, 0.5], torch.bfloat16),
+        "bf16 mix, torch tiles (fallback)": lambda: _torch(kernels.mix_float, [xr, yr], ["BF16", "BF16"], [0.5, 0.5], "BF16"),
         "bf16 mix, old path (float32 copies)": lambda: x.float().mul_(0.5).add_(y.float(), alpha=0.5).to(torch.bfloat16),
-        "fp8 block mix, fused C": lambda: mix.mix_fp8(qs, ss, [0.5, 0.5]),
+        "fp8 block mix, fused C": lambda: kernels.mix_fp8(qr, sr, [0.5, 0.5]),
         "fp8 block mix, eager torch (fallback)": lambda: mix.mix_fp8_blocks(qs, ss, lam_t),
-        "fp8 decode, fused C": lambda: mix.decode_fp8(qs[0], ss[0]),
+        "fp8 decode, fused C": lambda: kernels.decode_fp8(qr[0], sr[0]),
         "fp8 decode, torch": lambda: fp8.dequantize(qs[0], ss[0]),
-        "fp8 encode, fused C": lambda: mix.encode_fp8(w),
+        "fp8 encode, fused C": lambda: kernels.encode_fp8(wr),
         "fp8 encode, torch": lambda: fp8.quantize(w),
     }
     rows = {}

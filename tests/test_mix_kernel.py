@@ -40,14 +40,36 @@ def test_compiled_kernel_equals_eager():
         assert torch.all(d <= q1.float().abs() * 2**-3 + 2**-9)
 
 
+
 # ------------------------------------------------------------------ kernels in the stored dtype
-# The fused C kernels (chimera/merge/native.py) against float64 references and against the torch path
-# they replace (same bytes), on shapes that are not multiples of the 128 block.
+# chimera.merge.kernels (fused C kernels, chimera/merge/native.py) against float64 references and
+# against the torch path they replace without a compiler (same bytes), on shapes that are not
+# multiples of the 128 block.
 import math
+import os
 import subprocess
 import sys
 
-from chimera.merge import mix, native
+import numpy as np
+
+from chimera.merge import kernels, native
+from chimera.merge.mix import pow2_ceil
+
+TAG = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
+
+
+def raw(t: torch.Tensor) -> np.ndarray:
+    """A tensor's stored bytes as the kernels take them (bf16 as uint16, FP8 as uint8)."""
+    if t.dtype == torch.bfloat16:
+        return t.contiguous().view(torch.int16).numpy().view(np.uint16)
+    if t.dtype == torch.float8_e4m3fn:
+        return t.contiguous().view(torch.uint8).numpy()
+    return t.contiguous().numpy()
+
+
+def tensor(a: np.ndarray, tag: str) -> torch.Tensor:
+    t = torch.from_numpy(a.copy())
+    return {"BF16": lambda: t.view(torch.bfloat16), "FP8": lambda: t.view(torch.float8_e4m3fn)}.get(tag, lambda: t)()
 
 
 def test_native_kernels_are_built_here():
@@ -71,26 +93,29 @@ def _nearest_error_ok(got: torch.Tensor, exact: torch.Tensor, terms: torch.Tenso
 def test_mix_float_rounds_once_to_nearest(dtype, mant, lams):
     g = torch.Generator().manual_seed(len(lams))
     xs = [torch.randn(301, 333, generator=g).to(dtype) for _ in lams]
-    out, bad = mix.mix_float(xs, lams, dtype)
-    assert out.dtype == dtype and out.shape == (301, 333) and not bad
+    tags = [TAG[dtype]] * len(xs)
+    out, bad = kernels.mix_float([raw(x) for x in xs], tags, lams, TAG[dtype])
+    got = tensor(out, TAG[dtype])
+    assert got.dtype == dtype and got.shape == (301, 333) and not bad
     lf = torch.tensor(lams, dtype=torch.float32).double()   # the kernel's float32 lambdas
     exact = sum(lf[i] * xs[i].double() for i in range(len(xs)))
     terms = sum((lf[i] * xs[i].double()).abs() for i in range(len(xs)))
-    assert _nearest_error_ok(out, exact, terms, mant)
+    assert _nearest_error_ok(got, exact, terms, mant)
     with native.disabled():
-        ref, ref_bad = mix.mix_float(xs, lams, dtype)
-    assert torch.equal(out.view(torch.uint8), ref.view(torch.uint8)) and not ref_bad
+        ref, ref_bad = kernels.mix_float([raw(x) for x in xs], tags, lams, TAG[dtype])
+    assert ref.tobytes() == out.tobytes() and not ref_bad
 
 
-def test_mix_float_other_output_dtype_and_nonfinite():
+def test_mix_float_mixed_dtypes_and_nonfinite():
     xs = [torch.randn(7, 5).to(torch.bfloat16), torch.randn(7, 5)]
-    out, bad = mix.mix_float(xs, [0.5, 0.5], torch.float32)
-    assert out.dtype == torch.float32 and not bad
-    assert torch.allclose(out.double(), 0.5 * xs[0].double() + 0.5 * xs[1].double(), rtol=2**-23, atol=0)
+    out, bad = kernels.mix_float([raw(x) for x in xs], ["BF16", "F32"], [0.5, 0.5], "F32")
+    assert out.dtype == np.float32 and not bad
+    assert torch.allclose(torch.from_numpy(out).double(), 0.5 * xs[0].double() + 0.5 * xs[1].double(),
+                          rtol=2**-23, atol=0)
     xs[1][3, 2] = float("nan")
-    assert mix.mix_float(xs, [0.5, 0.5], torch.bfloat16)[1]
+    assert kernels.mix_float([raw(x) for x in xs], ["BF16", "F32"], [0.5, 0.5], "BF16")[1]
     with native.disabled():
-        assert mix.mix_float(xs, [0.5, 0.5], torch.bfloat16)[1]
+        assert kernels.mix_float([raw(x) for x in xs], ["BF16", "F32"], [0.5, 0.5], "BF16")[1]
 
 
 def _fp8_parents(k: int, shape, seed: int = 0):
@@ -108,7 +133,8 @@ def test_fused_fp8_mix(shape, k, ue8m0):
     import ckpt
 
     qs, ss, lams = _fp8_parents(k, shape, seed=k)
-    q, s, bad = mix.mix_fp8(qs, ss, lams, ue8m0)
+    q_np, s_np, bad = kernels.mix_fp8([raw(q) for q in qs], [s.numpy() for s in ss], lams, ue8m0)
+    q, s = tensor(q_np, "FP8"), torch.from_numpy(s_np)
     assert q.shape == shape and s.shape == fp8.scale_shape(shape) and not bad
     # float64 reference: independent block-loop dequantization, the mix, DeepSeek's block quantization
     ref = sum(float(torch.tensor(lams[i], dtype=torch.float32)) * ckpt.dequant_ref(qs[i], ss[i]) for i in range(k))
@@ -125,59 +151,66 @@ def test_fused_fp8_mix(shape, k, ue8m0):
     # within half an e4m3 step of the exact value (3 mantissa bits), plus float32 rounding of the sum
     assert torch.all((deq - ref).abs() <= ref.abs() * 2**-4 + s_full * 2**-10 + 1e-6 * s_full * 448)
     with native.disabled():
-        q2, s2, bad2 = mix.mix_fp8(qs, ss, lams, ue8m0)
-    assert torch.equal(q.view(torch.uint8), q2.view(torch.uint8)) and torch.equal(s, s2) and not bad2
+        q2, s2, bad2 = kernels.mix_fp8([raw(q) for q in qs], [s.numpy() for s in ss], lams, ue8m0)
+    assert q2.tobytes() == q_np.tobytes() and s2.tobytes() == s_np.tobytes() and not bad2
 
 
 def test_fused_fp8_mix_flags_nan_code():
     qs, ss, lams = _fp8_parents(2, (130, 260))
     qs[1].view(torch.uint8)[129, 259] = 0x7F                # e4m3fn NaN
-    assert mix.mix_fp8(qs, ss, lams)[2]
+    args = ([raw(q) for q in qs], [s.numpy() for s in ss], lams)
+    assert kernels.mix_fp8(*args)[2]
     with native.disabled():
-        assert mix.mix_fp8(qs, ss, lams)[2]
+        assert kernels.mix_fp8(*args)[2]
 
 
 def test_decode_and_encode_match_reference():
     import ckpt
 
     qs, ss, _ = _fp8_parents(1, (300, 200))
-    assert torch.equal(mix.decode_fp8(qs[0], ss[0]), ckpt.dequant_ref(qs[0], ss[0]).float())  # q*s exact in f64
+    want = ckpt.dequant_ref(qs[0], ss[0]).float()            # q * s is exact in float64: one rounding
+    assert np.array_equal(kernels.decode_fp8(raw(qs[0]), ss[0].numpy()), want.numpy())
     w = torch.randn(300, 200) * torch.logspace(-6, 2, 200)    # a wide range of magnitudes per block
-    q, s = mix.encode_fp8(w)
-    rq, rs = fp8.quantize(w)
-    assert torch.equal(q.view(torch.uint8), rq.view(torch.uint8)) and torch.equal(s, rs)
-    with pytest.raises(FloatingPointError):
-        mix.encode_fp8(torch.full((3, 3), float("inf")))
+    for ue8m0 in (False, True):
+        q, s, bad = kernels.encode_fp8(w.numpy(), ue8m0=ue8m0)
+        with native.disabled():
+            q2, s2, _ = kernels.encode_fp8(w.numpy(), ue8m0=ue8m0)
+        assert q.tobytes() == q2.tobytes() and s.tobytes() == s2.tobytes() and not bad
+        if not ue8m0:  # chimera.checkpoint.fp8.quantize (DeepSeek's float scales) gives the same bytes
+            rq, rs = fp8.quantize(w)
+            assert q.tobytes() == raw(rq).tobytes() and np.array_equal(s, rs.numpy())
+    assert kernels.encode_fp8(np.full((3, 3), np.inf, dtype=np.float32))[2]
 
 
 def test_e4m3_rounding_matches_torch_everywhere():
     """Every e4m3 value, every midpoint between neighbours (ties to even) and a float32 ulp either side,
     subnormals included, plus random floats: one block per row with 448 in it, so the scale is 1."""
-    codes = torch.arange(256, dtype=torch.uint8)
-    vals = codes.view(torch.float8_e4m3fn).float()
+    vals = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
     vals = vals[torch.isfinite(vals)].unique()
     mids = (vals[1:] + vals[:-1]) / 2
-    near = torch.cat([mids, torch.nextafter(mids, torch.tensor(math.inf)), torch.nextafter(mids, torch.tensor(-math.inf))])
-    rnd = (torch.rand(200_000, generator=torch.Generator().manual_seed(1)) * 2 - 1) * torch.logspace(-12, math.log10(448), 200_000)
+    near = torch.cat([mids, torch.nextafter(mids, torch.tensor(math.inf)),
+                      torch.nextafter(mids, torch.tensor(-math.inf))])
+    g = torch.Generator().manual_seed(1)
+    rnd = (torch.rand(200_000, generator=g) * 2 - 1) * torch.logspace(-12, math.log10(448), 200_000)
     x = torch.cat([vals, near, rnd]).clamp(-448, 448)
     x = torch.cat([x, torch.zeros(-x.numel() % 127)]).view(-1, 127)
     w = torch.cat([x, torch.full((x.shape[0], 1), 448.0)], dim=1)  # [rows, 128]
-    q, s = mix.encode_fp8(w)
-    assert torch.all(s == 1.0)
-    assert torch.equal(q.view(torch.uint8), w.to(torch.float8_e4m3fn).view(torch.uint8))
+    q, s, _ = kernels.encode_fp8(w.numpy())
+    assert np.all(s == 1.0)
+    assert q.tobytes() == raw(w.to(torch.float8_e4m3fn)).tobytes()
 
 
 def test_pow2_ceil_is_exact():
     s = torch.tensor([1.0, 0.75, 2**-20, 2**-20 * (1 + 2**-23), 3.0, 2.0 * (1 - 2**-24)], dtype=torch.float32)
-    assert mix.pow2_ceil(s).tolist() == [1.0, 1.0, 2**-20, 2**-19, 4.0, 2.0]
+    assert pow2_ceil(s).tolist() == [1.0, 1.0, 2**-20, 2**-19, 4.0, 2.0]
 
 
 def test_without_a_compiler_the_torch_path_runs(tmp_path):
-    code = ("import torch; from chimera.merge import mix, native; "
-            "xs = [torch.ones(3, 5, dtype=torch.bfloat16), torch.zeros(3, 5, dtype=torch.bfloat16)]; "
-            "out, bad = mix.mix_float(xs, [0.25, 0.75], torch.bfloat16); "
-            "print(native.lib() is None, native.build_error is not None, out.float().unique().tolist(), bad)")
-    env = {**__import__("os").environ, "CC": str(tmp_path / "no-such-cc"), "CHIMERA_CACHE": str(tmp_path / "cache")}
+    code = ("import numpy as np; from chimera.merge import kernels, native; "
+            "x = np.full((3, 5), 0x3F80, np.uint16); y = np.zeros((3, 5), np.uint16); "  # bf16 1.0 and 0.0
+            "out, bad = kernels.mix_float([x, y], ['BF16', 'BF16'], [0.25, 0.75], 'BF16'); "
+            "print(native.lib() is None, native.build_error is not None, sorted(set(out.ravel().tolist())), bad)")
+    env = {**os.environ, "CC": str(tmp_path / "no-such-cc"), "CHIMERA_CACHE": str(tmp_path / "cache")}
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert p.returncode == 0, p.stderr
-    assert p.stdout.split() == ["True", "True", "[0.25]", "False"]
+    assert p.stdout.split() == ["True", "True", f"[{0x3E80}]", "False"]   # bf16 0.25

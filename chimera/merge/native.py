@@ -128,9 +128,16 @@ def disabled():
 
 
 def threads() -> int:
-    import torch
-
-    return max(1, torch.get_num_threads())
+    """Threads per kernel call: $CHIMERA_THREADS, else $OMP_NUM_THREADS (Ray sets it to a task's CPUs),
+    else the CPUs this process may run on."""
+    for var in ("CHIMERA_THREADS", "OMP_NUM_THREADS"):
+        v = os.environ.get(var, "")
+        if v.isdigit() and int(v) > 0:
+            return int(v)
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
 
 
 def split(fn: Callable[[int, int], int], n: int, parts: int | None = None) -> int:
@@ -151,6 +158,11 @@ def split(fn: Callable[[int, int], int], n: int, parts: int | None = None) -> in
     return flag
 
 
-def ptrs(tensors) -> ctypes.Array:
-    """A C array of the tensors' data pointers."""
-    return (ctypes.c_void_p * len(tensors))(*[t.data_ptr() for t in tensors])
+def ptr(a) -> int:
+    """The data address of a C-contiguous numpy array."""
+    return a.ctypes.data
+
+
+def ptrs(arrays) -> ctypes.Array:
+    """A C array of the arrays' data addresses."""
+    return (ctypes.c_void_p * len(arrays))(*[ptr(a) for a in arrays])

@@ -1,0 +1,145 @@
+"""The merge's per-chunk kernels in the stored formats, on numpy arrays of stored bytes (no torch).
+
+    mix_float   bf16 / f16 / f32 parents -> sum_i lambda_i x_i in float32 -> one rounding to the output dtype
+    mix_fp8     DeepSeek block-FP8 parents -> the mix, re-quantized per block (any shape; edge blocks partial)
+    decode_fp8  block FP8 -> float32            encode_fp8  float32 -> block FP8
+
+A format adds its own decode (stored -> float32) and encode (float32 -> stored) pair; the fused
+kernels are the fast paths for the formats checkpoints are mostly in. Each runs the C kernels of
+`kernels.c` (`native.py`) on `native.threads()` threads, or, without a C compiler, torch ops with
+the same arithmetic and the same bytes (the float sums are fused multiply-adds, as torch's
+vectorized `add_(x, alpha=l)` and `addcmul_` are on CPU):
+
+    float mix   acc = x_0 * l_0 ; acc = fma(x_i, l_i, acc) ; out = round(acc)
+    FP8 mix     acc = q_0 * (s_0 * l_0) ; acc = fma(q_i, s_i * l_i, acc)      per 128 x 128 block b
+                s_b = max(amax_b |acc|, 1e-4) / 448   (ue8m0: the smallest power of two >= s_b)
+                q = e4m3(clamp(acc / s_b, -448, 448))                          round to nearest even
+
+Arrays: bf16 data travels as uint16 (numpy has no bfloat16), FP8 codes as uint8, scales as float32.
+Every function also says whether a non-finite value came out (NaN/Inf in a parent).
+"""
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+
+from chimera.merge import native
+
+NATIVE = {"F32": native.F32, "BF16": native.BF16, "F16": native.F16}
+NUMPY = {"F32": np.float32, "BF16": np.uint16, "F16": np.float16}
+TILE = 1 << 16  # elements per float32 tile of the torch path (256 KB)
+
+
+def _torch(a: np.ndarray, tag: str):
+    import torch
+
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    return t.view(torch.bfloat16) if tag == "BF16" else t
+
+
+def mix_float(xs: list[np.ndarray], tags: list[str], lams: list[float], out_tag: str) -> tuple[np.ndarray, bool]:
+    """sum_i lams[i] * xs[i] (stored as `tags`, one shape) in float32, rounded once to `out_tag`."""
+    xs = [np.ascontiguousarray(x) for x in xs]
+    out = np.empty(xs[0].shape, dtype=NUMPY[out_tag])
+    n = out.size
+    lib = native.lib()
+    if n == 0:
+        return out, False
+    if lib is not None:
+        if len(xs) == 2 and tags == ["BF16", "BF16"] and out_tag == "BF16":
+            a, b, o = native.ptr(xs[0]), native.ptr(xs[1]), native.ptr(out)
+            bad = native.split(lambda i, j: lib.mix2_bf16(i, j, a, b, lams[0], lams[1], o), n)
+        else:
+            k = len(xs)
+            p, dts = native.ptrs(xs), (ctypes.c_int * k)(*[NATIVE[t] for t in tags])
+            lam_c, o = (ctypes.c_float * k)(*lams), native.ptr(out)
+            bad = native.split(lambda i, j: lib.mix_float(i, j, k, p, dts, lam_c, o, NATIVE[out_tag]), n)
+        return out, bool(bad)
+    import torch
+
+    src = [_torch(x, t).reshape(-1) for x, t in zip(xs, tags)]
+    flat = _torch(out, out_tag).reshape(-1)
+    bad = False
+    for a in range(0, n, TILE):
+        acc = src[0][a:a + TILE].to(torch.float32).mul_(lams[0])          # [TILE] float32
+        for x, lam in zip(src[1:], lams[1:]):
+            acc.add_(x[a:a + TILE].to(torch.float32), alpha=lam)
+        bad = bad or not bool(torch.isfinite(acc.sum()))
+        flat[a:a + TILE] = acc
+    return out, bad
+
+
+def mix_fp8(qs: list[np.ndarray], ss: list[np.ndarray], lams: list[float], ue8m0: bool = False,
+            block: int = 128) -> tuple[np.ndarray, np.ndarray, bool]:
+    """FP8 parents' codes [R, N] (rows from a block boundary) and scales [ceil(R/b), ceil(N/b)] ->
+    (codes [R, N], scales, any non-finite), mixed and re-quantized block by block."""
+    r, n = qs[0].shape
+    rb, nb = -(-r // block), -(-n // block)
+    lib = native.lib()
+    if lib is not None and len(qs) <= 16 and block <= 256 and r * n:
+        qs = [np.ascontiguousarray(q, dtype=np.uint8) for q in qs]
+        ss = [np.ascontiguousarray(s, dtype=np.float32) for s in ss]
+        q_out = np.empty((r, n), dtype=np.uint8)
+        s_out = np.empty((rb, nb), dtype=np.float32)
+        qp, sp, k = native.ptrs(qs), native.ptrs(ss), len(qs)
+        lam_c, qo, so = (ctypes.c_float * k)(*lams), native.ptr(q_out), native.ptr(s_out)
+        bad = native.split(lambda i, j: lib.mix_fp8(i, j, r, n, k, qp, sp, lam_c, int(ue8m0), block, qo, so), rb)
+        return q_out, s_out, bool(bad)
+    import torch
+
+    from chimera.merge.mix import mix_fp8_blocks
+
+    pad = (0, -n % block, 0, -r % block)
+    qt = [torch.nn.functional.pad(torch.from_numpy(np.ascontiguousarray(q)), pad).view(torch.float8_e4m3fn)
+          for q in qs]
+    q, s, amax = mix_fp8_blocks(qt, [torch.from_numpy(np.ascontiguousarray(s)) for s in ss],
+                                torch.tensor(lams, dtype=torch.float32), ue8m0, block)
+    return (q[:r, :n].contiguous().view(torch.uint8).numpy(), s.numpy(),
+            not bool(torch.isfinite(amax).all()))
+
+
+def decode_fp8(q: np.ndarray, s: np.ndarray, block: int = 128) -> np.ndarray:
+    """FP8 codes [R, N] x block scales -> float32 [R, N]: W[i, j] = value(q[i, j]) * s[i // b, j // b]."""
+    r, n = q.shape
+    lib = native.lib()
+    if lib is None or not q.size:
+        import torch
+
+        from chimera.checkpoint import fp8
+
+        qt = torch.from_numpy(np.ascontiguousarray(q)).view(torch.float8_e4m3fn)
+        return fp8.dequantize(qt, torch.from_numpy(np.ascontiguousarray(s, dtype=np.float32)), block).numpy()
+    q, s = np.ascontiguousarray(q, dtype=np.uint8), np.ascontiguousarray(s, dtype=np.float32)
+    out = np.empty((r, n), dtype=np.float32)
+    qp, sp, o = native.ptr(q), native.ptr(s), native.ptr(out)
+    native.split(lambda i, j: lib.decode_fp8(i, j, n, qp, sp, s.shape[1], block, o), r)
+    return out
+
+
+def encode_fp8(w: np.ndarray, block: int = 128, ue8m0: bool = False) -> tuple[np.ndarray, np.ndarray, bool]:
+    """float32 [R, N] -> (FP8 codes [R, N], block scales, any non-finite): DeepSeek's block quantization."""
+    r, n = w.shape
+    rb, nb = -(-r // block), -(-n // block)
+    lib = native.lib()
+    if lib is None or not w.size:
+        import torch
+
+        from chimera.checkpoint import fp8
+        from chimera.merge.mix import pow2_ceil
+
+        wt = torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32))
+        wb, _, _ = fp8._blocks(wt, block)                                     # [Rb, B, Nb, B]
+        amax = wb.abs().amax(dim=(1, 3))
+        bad = not bool(torch.isfinite(amax).all())
+        s = amax.clamp(min=1e-4) / fp8.FP8_MAX
+        s = pow2_ceil(s) if ue8m0 else s
+        q = (wb / s[:, None, :, None]).clamp_(-fp8.FP8_MAX, fp8.FP8_MAX).to(fp8.FP8)
+        q = q.view(rb * block, nb * block)[:r, :n].contiguous()
+        return q.view(torch.uint8).numpy(), s.numpy(), bad
+    w = np.ascontiguousarray(w, dtype=np.float32)
+    q_out = np.empty((r, n), dtype=np.uint8)
+    s_out = np.empty((rb, nb), dtype=np.float32)
+    wp, qo, so = native.ptr(w), native.ptr(q_out), native.ptr(s_out)
+    bad = native.split(lambda i, j: lib.encode_fp8(i, j, r, n, wp, int(ue8m0), block, qo, so), rb)
+    return q_out, s_out, bool(bad)
