@@ -214,3 +214,16 @@ def test_without_a_compiler_the_torch_path_runs(tmp_path):
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert p.returncode == 0, p.stderr
     assert p.stdout.split() == ["True", "True", f"[{0x3E80}]", "False"]   # bf16 0.25
+
+
+@pytest.mark.parametrize("tags", [("BF16", "BF16"), ("F32", "BF16"), ("F16", "F32")])
+def test_norms_in_float64(tags):
+    g = torch.Generator().manual_seed(3)
+    dt = {"BF16": torch.bfloat16, "F32": torch.float32, "F16": torch.float16}
+    a, b = (torch.randn(517, 301, generator=g).to(dt[t]) for t in tags)
+    got = kernels.norms(raw(a), tags[0], raw(b), tags[1])
+    a64, b64 = a.double(), b.double()
+    want = [float(((a64 - b64) ** 2).sum()), float((a64 ** 2).sum()), float((b64 ** 2).sum())]
+    assert got == pytest.approx(want, rel=1e-12)
+    with native.disabled():
+        assert kernels.norms(raw(a), tags[0], raw(b), tags[1]) == pytest.approx(want, rel=1e-12)

@@ -229,3 +229,30 @@ int encode_fp8(int64_t rb0, int64_t rb1, int64_t rows, int64_t n, const float *w
     }
     return bad != 0;
 }
+
+/* distances: over i in [start, stop) the float64 sums of (a_i - b_i)^2, a_i^2 and b_i^2, into out[3]
+ * (a and b of dtypes adt, bdt; each value widened exactly to float64, as numpy's astype does) */
+int norms_float(int64_t start, int64_t stop, const void *a, int adt, const void *b, int bdt, double *out) {
+    float ta[TILE], tb[TILE];
+    double d2[8] = {0}, a2[8] = {0}, b2[8] = {0};   /* 8 independent lanes: the sums vectorize */
+    for (int64_t s = start; s < stop; s += TILE) {
+        int len = (int)(stop - s < TILE ? stop - s : TILE);
+        accumulate(ta, a, adt, s, len, 1.0f, 1);
+        accumulate(tb, b, bdt, s, len, 1.0f, 1);
+        for (int i = len; i < (len + 7) / 8 * 8; i++) ta[i] = tb[i] = 0.0f;
+        for (int i = 0; i < len; i += 8)
+            for (int j = 0; j < 8; j++) {
+                double x = ta[i + j], y = tb[i + j], d = x - y;
+                d2[j] += d * d;
+                a2[j] += x * x;
+                b2[j] += y * y;
+            }
+    }
+    out[0] = out[1] = out[2] = 0.0;
+    for (int j = 0; j < 8; j++) {
+        out[0] += d2[j];
+        out[1] += a2[j];
+        out[2] += b2[j];
+    }
+    return 0;
+}

@@ -143,3 +143,27 @@ def encode_fp8(w: np.ndarray, block: int = 128, ue8m0: bool = False) -> tuple[np
     wp, qo, so = native.ptr(w), native.ptr(q_out), native.ptr(s_out)
     bad = native.split(lambda i, j: lib.encode_fp8(i, j, r, n, wp, int(ue8m0), block, qo, so), rb)
     return q_out, s_out, bool(bad)
+
+
+def norms(a: np.ndarray, a_tag: str, b: np.ndarray, b_tag: str) -> tuple[float, float, float]:
+    """(sum (a - b)^2, sum a^2, sum b^2) in float64 over two same-shape float chunks (bf16/f16/f32
+    stored values), for `chimera.merge.distance.Norms`."""
+    a, b = np.ascontiguousarray(a), np.ascontiguousarray(b)
+    lib = native.lib()
+    if lib is not None and a.size:
+        pa, pb, ta, tb = native.ptr(a), native.ptr(b), NATIVE[a_tag], NATIVE[b_tag]
+        d2, a2, b2 = native.split_sums(lambda i, j, out: lib.norms_float(i, j, pa, ta, pb, tb, out), a.size, 3)
+        return d2, a2, b2
+    d2 = a2 = b2 = 0.0
+    fa, fb = a.reshape(-1), b.reshape(-1)
+    for i in range(0, fa.size, TILE):
+        x, y = (_float64(v[i:i + TILE], t) for v, t in ((fa, a_tag), (fb, b_tag)))
+        d = x - y
+        d2, a2, b2 = d2 + float(d @ d), a2 + float(x @ x), b2 + float(y @ y)
+    return d2, a2, b2
+
+
+def _float64(x: np.ndarray, tag: str) -> np.ndarray:
+    if tag == "BF16":
+        return (x.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+    return x.astype(np.float64)

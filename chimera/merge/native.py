@@ -41,6 +41,7 @@ SIGNATURES = {
     "decode_fp8": [I64, I64, I64, P, P, I64, INT, P],
     "mix_fp8": [I64, I64, I64, I64, INT, P, P, P, INT, INT, P, P],
     "encode_fp8": [I64, I64, I64, I64, P, INT, INT, P, P],
+    "norms_float": [I64, I64, P, INT, P, INT, P],
 }
 
 
@@ -156,6 +157,16 @@ def split(fn: Callable[[int, int], int], n: int, parts: int | None = None) -> in
     for f in futures:
         flag |= f.result()
     return flag
+
+
+def split_sums(fn: Callable[[int, int, ctypes.Array], int], n: int, width: int) -> list[float]:
+    """Like `split`, for kernels that write `width` float64 sums: each piece gets its own, then they add."""
+    parts = max(1, min(threads(), n))
+    bufs = [(ctypes.c_double * width)() for _ in range(parts)]
+    bounds = [n * i // parts for i in range(parts + 1)]
+    pieces = list(zip(bounds, bounds[1:], bufs))
+    split(lambda i, j: sum(fn(a, b, buf) for a, b, buf in pieces[i:j]), len(pieces), parts)
+    return [sum(buf[k] for buf in bufs) for k in range(width)]
 
 
 def ptr(a) -> int:
