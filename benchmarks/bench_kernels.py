@@ -69,7 +69,7 @@ def main() -> None:
     print(write_result("kernels", {"chunk": [r, n], "threads": torch.get_num_threads(), "rows": rows}))
 
 
-def _torch(fn, *a):
+def _torch(fn, *a):  # chimera.merge.kernels without its C library
     with native.disabled():
         return fn(*a)
 

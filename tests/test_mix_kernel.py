@@ -227,3 +227,33 @@ def test_norms_in_float64(tags):
     assert got == pytest.approx(want, rel=1e-12)
     with native.disabled():
         assert kernels.norms(raw(a), tags[0], raw(b), tags[1]) == pytest.approx(want, rel=1e-12)
+
+
+# ------------------------------------------------------------------ the device path (`--device`)
+from chimera.errors import ChimeraError  # noqa: E402
+from chimera.merge.device import CpuMixer, DeviceMixer, mixer  # noqa: E402
+
+
+@pytest.mark.parametrize("shape", [(300, 200), (256, 384)])
+def test_device_path_on_cpu_gives_the_cpu_bytes(shape):
+    """The torch device path, run on the CPU, writes exactly the C kernels' bytes (FP8 and bf16)."""
+    dev, cpu = mixer("torch:cpu"), mixer("cpu")
+    assert isinstance(dev, DeviceMixer) and isinstance(cpu, CpuMixer)
+    qs, ss, lams = _fp8_parents(3, shape, seed=7)
+    args = ([raw(q) for q in qs], [s.numpy() for s in ss], lams, True, 128)
+    (q1, s1, b1), (q2, s2, b2) = dev.mix_fp8(*args), cpu.mix_fp8(*args)
+    assert q1.tobytes() == q2.tobytes() and s1.tobytes() == s2.tobytes() and b1 == b2 is False
+    xs = [raw(torch.randn(shape).to(torch.bfloat16)) for _ in range(2)]
+    for out_tag in ("BF16", "F32"):
+        (o1, b1), (o2, b2) = dev.mix_float(xs, ["BF16", "BF16"], [0.3, 0.7], out_tag), \
+            cpu.mix_float(xs, ["BF16", "BF16"], [0.3, 0.7], out_tag)
+        assert o1.tobytes() == o2.tobytes() and not b1 and not b2
+
+
+def test_device_choice():
+    with pytest.raises(ChimeraError, match="--device tpu: expected auto, cpu or cuda"):
+        mixer("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ChimeraError, match="--device cuda: torch sees no CUDA device"):
+            mixer("cuda")
+        assert isinstance(mixer("auto"), CpuMixer)

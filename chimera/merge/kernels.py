@@ -31,11 +31,23 @@ NUMPY = {"F32": np.float32, "BF16": np.uint16, "F16": np.float16}
 TILE = 1 << 16  # elements per float32 tile of the torch path (256 KB)
 
 
-def _torch(a: np.ndarray, tag: str):
+def as_torch(a: np.ndarray, tag: str = ""):
+    """A numpy array of stored values as a CPU torch tensor sharing its memory (bf16 reinterpreted)."""
     import torch
 
     t = torch.from_numpy(np.ascontiguousarray(a))
     return t.view(torch.bfloat16) if tag == "BF16" else t
+
+
+def as_numpy(t) -> np.ndarray:
+    """A CPU torch tensor as numpy stored values (bf16 -> uint16, FP8 -> uint8)."""
+    import torch
+
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(np.uint16)
+    if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        return t.view(torch.uint8).numpy()
+    return t.numpy()
 
 
 def mix_float(xs: list[np.ndarray], tags: list[str], lams: list[float], out_tag: str) -> tuple[np.ndarray, bool]:
@@ -56,18 +68,28 @@ def mix_float(xs: list[np.ndarray], tags: list[str], lams: list[float], out_tag:
             lam_c, o = (ctypes.c_float * k)(*lams), native.ptr(out)
             bad = native.split(lambda i, j: lib.mix_float(i, j, k, p, dts, lam_c, o, NATIVE[out_tag]), n)
         return out, bool(bad)
+    out_t, bad = torch_mix_float([as_torch(x, t) for x, t in zip(xs, tags)], lams, out_tag, TILE)
+    return as_numpy(out_t), bad
+
+
+def torch_mix_float(xs: list, lams: list[float], out_tag: str, tile: int | None = TILE):
+    """`mix_float` in torch ops on the tensors' device, `tile` elements of float32 at a time (None:
+    the whole chunk at once). Returns (tensor in the output dtype, any non-finite)."""
     import torch
 
-    src = [_torch(x, t).reshape(-1) for x, t in zip(xs, tags)]
-    flat = _torch(out, out_tag).reshape(-1)
-    bad = False
-    for a in range(0, n, TILE):
-        acc = src[0][a:a + TILE].to(torch.float32).mul_(lams[0])          # [TILE] float32
+    dtype = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}[out_tag]
+    out = torch.empty(xs[0].shape, dtype=dtype, device=xs[0].device)
+    n = out.numel()
+    step = tile or max(n, 1)
+    src, flat = [x.reshape(-1) for x in xs], out.view(-1)
+    bad = torch.zeros((), dtype=torch.bool, device=out.device)
+    for a in range(0, n, step):
+        acc = src[0][a:a + step].to(torch.float32).mul_(lams[0])          # [step] float32
         for x, lam in zip(src[1:], lams[1:]):
-            acc.add_(x[a:a + TILE].to(torch.float32), alpha=lam)
-        bad = bad or not bool(torch.isfinite(acc.sum()))
-        flat[a:a + TILE] = acc
-    return out, bad
+            acc.add_(x[a:a + step].to(torch.float32), alpha=lam)
+        bad |= ~torch.isfinite(acc.sum())
+        flat[a:a + step] = acc
+    return out, bool(bad)
 
 
 def mix_fp8(qs: list[np.ndarray], ss: list[np.ndarray], lams: list[float], ue8m0: bool = False,
@@ -90,13 +112,22 @@ def mix_fp8(qs: list[np.ndarray], ss: list[np.ndarray], lams: list[float], ue8m0
 
     from chimera.merge.mix import mix_fp8_blocks
 
+    q, s, bad = torch_mix_fp8([torch.from_numpy(np.ascontiguousarray(q)) for q in qs],
+                              [torch.from_numpy(np.ascontiguousarray(s, dtype=np.float32)) for s in ss],
+                              torch.tensor(lams, dtype=torch.float32), ue8m0, block, mix_fp8_blocks)
+    return q.numpy(), s.numpy(), bad
+
+
+def torch_mix_fp8(qs: list, ss: list, lams, ue8m0: bool, block: int, kernel):
+    """`mix_fp8` with torch's block kernel (`mix.mix_fp8_blocks`, or it compiled) on the tensors'
+    device; codes as uint8 tensors, padded to whole blocks here. Returns (codes uint8, scales, bad)."""
+    import torch
+
+    r, n = qs[0].shape
     pad = (0, -n % block, 0, -r % block)
-    qt = [torch.nn.functional.pad(torch.from_numpy(np.ascontiguousarray(q)), pad).view(torch.float8_e4m3fn)
-          for q in qs]
-    q, s, amax = mix_fp8_blocks(qt, [torch.from_numpy(np.ascontiguousarray(s)) for s in ss],
-                                torch.tensor(lams, dtype=torch.float32), ue8m0, block)
-    return (q[:r, :n].contiguous().view(torch.uint8).numpy(), s.numpy(),
-            not bool(torch.isfinite(amax).all()))
+    qt = [torch.nn.functional.pad(q, pad).view(torch.float8_e4m3fn) for q in qs]
+    q, s, amax = kernel(qt, ss, lams, ue8m0, block)
+    return q[:r, :n].contiguous().view(torch.uint8), s, not bool(torch.isfinite(amax).all())
 
 
 def decode_fp8(q: np.ndarray, s: np.ndarray, block: int = 128) -> np.ndarray:
