@@ -1,10 +1,12 @@
 """The `chimera` command line: each wing registers its thin typer commands here.
 
 Every command parses its arguments, calls one library function and prints. A `ChimeraError` becomes a
-one-line `error: ...` on stderr and exit status 2.
+one-line `error: ...` on stderr and exit status 2; an `OSError` (a full disk, a missing directory) one
+line naming the file, exit status 1. `CHIMERA_DEBUG=1` shows the traceback instead.
 """
 from __future__ import annotations
 
+import os
 import sys
 
 import typer
@@ -28,9 +30,15 @@ _register()
 def main() -> None:
     try:
         app(standalone_mode=False)
-    except ChimeraError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except (ChimeraError, OSError) as e:
+        if os.environ.get("CHIMERA_DEBUG"):
+            raise
+        if isinstance(e, ChimeraError):
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}".splitlines()[0], file=sys.stderr)
+        sys.exit(1)
     except (typer.Exit, SystemExit) as e:  # pragma: no cover - typer's own exits
         code = getattr(e, "exit_code", getattr(e, "code", 0))
         sys.exit(code)

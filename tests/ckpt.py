@@ -23,12 +23,13 @@ DS_CONFIG = dict(vocab_size=300, hidden_size=200, intermediate_size=300, moe_int
                  max_position_embeddings=128, num_nextn_predict_layers=1)
 
 
-def ds_state(seed: int, mtp: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
-    """A random DeepSeek-V3 state dict with on-disk names (+ an MTP layer) and its config.json."""
+def ds_state(seed: int, mtp: bool = True, **config) -> tuple[dict[str, torch.Tensor], dict]:
+    """A random DeepSeek-V3 state dict with on-disk names (+ an MTP layer) and its config.json
+    (`config` overrides DS_CONFIG, e.g. hidden_size=256 for whole 128-column blocks)."""
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
     torch.manual_seed(seed)
-    cfg = DeepseekV3Config(**DS_CONFIG)
+    cfg = DeepseekV3Config(**{**DS_CONFIG, **config})
     model = DeepseekV3ForCausalLM(cfg)
     import tempfile
 
@@ -68,19 +69,34 @@ def perturb(sd: dict[str, torch.Tensor], seed: int, scale: float = 0.5, only: st
     return out
 
 
+def quantize_other(w: torch.Tensor, fp8_max: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Another quantizer's block FP8: scale = amax / fp8_max (e.g. 240), so codes never reach 448."""
+    m, n = w.shape
+    s = torch.empty(fp8.scale_shape((m, n)), dtype=torch.float32)
+    q = torch.empty(m, n, dtype=torch.float8_e4m3fn)
+    for bi in range(s.shape[0]):
+        for bj in range(s.shape[1]):
+            r, c = slice(bi * 128, (bi + 1) * 128), slice(bj * 128, (bj + 1) * 128)
+            blk = w[r, c].float()
+            s[bi, bj] = max(float(blk.abs().max()), 1e-4) / fp8_max
+            q[r, c] = (blk / s[bi, bj]).to(torch.float8_e4m3fn)
+    return q, s
+
+
 def write(path: Path, sd: dict[str, torch.Tensor], config: dict, dtype: str = "fp8",
-          shards: int = 1, split_scale: bool = False) -> Path:
+          shards: int = 1, split_scale: bool = False, ue8m0: bool = False, fp8_max: float = 448.0) -> Path:
     """Write a checkpoint dir: dtype fp8 (DeepSeek blocks for projections, bf16 rest) or bf16/f32.
 
     With shards > 1 writes an index; `split_scale` puts every weight's scale in another shard than the
-    weight (as real V3 files sometimes do).
+    weight (as real V3 files sometimes do). `ue8m0`: power-of-two scales and `scale_fmt: ue8m0` in the
+    config (V3.1 style); `fp8_max` < 448: another quantizer's scales (see `quantize_other`).
     """
     path.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
     cfg = dict(config)
     for k, v in sd.items():
         if dtype == "fp8" and v.dim() == 2 and any(p in k for p in FP8_CLASSES_RE):
-            q, s = fp8.quantize(v.float())
+            q, s = quantize_other(v, fp8_max) if fp8_max != 448.0 else fp8.quantize(v.float(), ue8m0=ue8m0)
             tensors[k] = q
             tensors[k[: -len(".weight")] + ".weight_scale_inv"] = s
         elif dtype == "f32":
@@ -89,7 +105,7 @@ def write(path: Path, sd: dict[str, torch.Tensor], config: dict, dtype: str = "f
             tensors[k] = v.to(torch.bfloat16) if v.is_floating_point() and not k.endswith("e_score_correction_bias") else v
     if dtype == "fp8":
         cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                                      "weight_block_size": [128, 128]}
+                                      "weight_block_size": [128, 128], **({"scale_fmt": "ue8m0"} if ue8m0 else {})}
     cfg["torch_dtype"] = "bfloat16" if dtype != "f32" else "float32"
     (path / "config.json").write_text(json.dumps(cfg, indent=2))
     (path / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 128}))
@@ -154,3 +170,48 @@ def load_float(path: Path) -> dict[str, torch.Tensor]:
         else:
             out[k] = v.to(torch.float64)
     return out
+
+
+def hub_snapshot(root: Path, repo: str, src: Path, rev: str = "0123abcd") -> Path:
+    """Lay out `src` the way `huggingface-cli download` does: `models--ORG--NAME/blobs/<sha256>` and
+    `snapshots/<rev>/<file>` as relative symlinks `../../blobs/<sha256>`. Returns the snapshot dir."""
+    import hashlib
+
+    cache = root / ("models--" + repo.replace("/", "--"))
+    blobs, snap = cache / "blobs", cache / "snapshots" / rev
+    blobs.mkdir(parents=True, exist_ok=True)
+    snap.mkdir(parents=True, exist_ok=True)
+    (cache / "refs").mkdir(exist_ok=True)
+    (cache / "refs" / "main").write_text(rev)
+    for f in sorted(src.iterdir()):
+        data = f.read_bytes()
+        sha = hashlib.sha256(data).hexdigest()
+        (blobs / sha).write_bytes(data)
+        (snap / f.name).symlink_to(Path("..") / ".." / "blobs" / sha)
+    return snap
+
+
+def rewrite_header(path: Path, edit) -> None:
+    """Rewrite a safetensors file's JSON header in place with `edit(header) -> header` (data unchanged)."""
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = edit(json.loads(raw[8: 8 + n]))
+    new = json.dumps(header).encode()
+    new += b" " * (-len(new) % 8)
+    path.write_bytes(len(new).to_bytes(8, "little") + new + raw[8 + n:])
+
+
+def recipe(tmp: Path, d: dict, name: str = "recipe.yaml") -> Path:
+    """Write a recipe mapping as YAML into `tmp`."""
+    import yaml
+
+    p = tmp / name
+    p.write_text(yaml.safe_dump(d, sort_keys=False))
+    return p
+
+
+def sha_dir(path: Path) -> dict[str, str]:
+    """sha256 of every file directly in `path`, by name."""
+    import hashlib
+
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.iterdir()) if p.is_file()}

@@ -91,7 +91,19 @@ def test_wilson_and_bootstrap():
     s = stats.summary([1, 2, 3, 4, 5, 6, 7, 8, 9, 10])
     assert s["value"] == 5.5 and s["lo"] < 5.5 < s["hi"]
     assert stats.quantile([1, 2, 3, 4, 5, 6, 7, 8, 9, 10], 0.9) == pytest.approx(9.1)
-    assert stats.bootstrap([1.0, 2.0, 3.0], seed=1) == stats.bootstrap([1.0, 2.0, 3.0], seed=1)
+    lo, hi = stats.bootstrap([float(x) for x in range(20)], seed=1)
+    assert lo < 9.5 < hi
+
+
+def test_bootstrap_is_deterministic_across_processes():
+    import os
+    import subprocess
+
+    code = "from chimera.eval import stats; print(stats.bootstrap([float(x * x % 7) for x in range(30)], seed=3))"
+    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONHASHSEED": seed}).stdout.strip() for seed in ("1", "2")}
+    assert len(outs) == 1
+    assert eval(next(iter(outs))) == stats.bootstrap([float(x * x % 7) for x in range(30)], seed=3)
 
 
 # ------------------------------------------------------------------ suites

@@ -1,5 +1,4 @@
 """Assembly-of-Experts merges on real safetensors checkpoints written by the tests."""
-import hashlib
 import json
 import subprocess
 import sys
@@ -10,22 +9,13 @@ import torch
 import yaml
 
 import ckpt
+from ckpt import recipe, sha_dir
 from chimera.checkpoint.arch import classify
 from chimera.merge import build_plan, merge
 from chimera.merge.recipe import load
 from chimera.merge.report import plan_report
 
 SCALE = ".weight_scale_inv"
-
-
-def recipe(tmp: Path, d: dict, name: str = "recipe.yaml") -> Path:
-    p = tmp / name
-    p.write_text(yaml.safe_dump(d, sort_keys=False))
-    return p
-
-
-def sha_dir(path: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.iterdir()) if p.is_file()}
 
 
 def r1t(a: Path, b: Path, **extra) -> dict:

@@ -1,6 +1,7 @@
 """Bad input: a one-line error naming the file or tensor, exit status 2, nothing that looks complete."""
 import hashlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -193,3 +194,151 @@ def test_real_process_exit_code(pair, tmp_path):
                        capture_output=True, text=True)
     assert p.returncode == 2
     assert p.stderr.strip().count("\n") == 0 and p.stderr.startswith("error: ") and "sum to 0.2" in p.stderr
+
+
+# ------------------------------------------------------------------ headers, as strict as the safetensors library
+
+def _copy_parent(a: Path, dst: Path) -> Path:
+    dst.mkdir()
+    for f in a.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+def _first_two(h: dict) -> tuple[str, str]:
+    names = sorted((k for k in h if k != "__metadata__"), key=lambda k: h[k]["data_offsets"][0])
+    return names[0], names[1]
+
+
+def _overlap(h: dict) -> dict:
+    x, y = _first_two(h)
+    h[y]["data_offsets"] = [h[x]["data_offsets"][0], h[x]["data_offsets"][0] + (h[y]["data_offsets"][1] - h[y]["data_offsets"][0])]
+    return h
+
+
+def _negative(h: dict) -> dict:
+    x = next(k for k in h if k != "__metadata__" and len(h[k]["shape"]) == 2)
+    h[x]["shape"] = [-h[x]["shape"][0], -h[x]["shape"][1]]  # same numel: only the sign is wrong
+    return h
+
+
+def _wrong_size(h: dict) -> dict:
+    x = next(k for k in h if k != "__metadata__" and len(h[k]["shape"]) == 2)
+    h[x]["shape"] = [h[x]["shape"][0] + 1, h[x]["shape"][1]]
+    return h
+
+
+def _unknown_dtype(h: dict) -> dict:
+    x = next(k for k in h if k != "__metadata__")
+    h[x]["dtype"] = "Q7"
+    return h
+
+
+def _gap(h: dict) -> dict:
+    x, _ = _first_two(h)
+    del h[x]  # its bytes now belong to no tensor
+    return h
+
+
+@pytest.mark.parametrize("edit", [
+    lambda h: [h],                 # a JSON array, not an object
+    _overlap,                      # two tensors over the same bytes
+    _negative,                     # negative dims (numel unchanged)
+    _wrong_size,                   # byte length != numel x itemsize
+    _unknown_dtype,
+    _gap,                          # bytes between tensors that belong to none
+], ids=["array", "overlap", "negative-dims", "wrong-size", "unknown-dtype", "gap"])
+def test_malformed_header_refused_at_plan_time(pair, tmp_path, capsys, edit):
+    root, sd, cfg, a, b = pair
+    c = _copy_parent(a, tmp_path / "c")
+    ckpt.rewrite_header(c / "model.safetensors", edit)
+    before = tree_hash(c)
+    r = _recipe(tmp_path, {"a": a, "c": c})
+    code, err = run_cli(["plan", r], capsys)
+    assert code == 2 and err.startswith("error: ") and "\n" not in err, err
+    assert str(c / "model.safetensors") in err
+    expect_error(capsys, tmp_path, r, str(c / "model.safetensors"))
+    assert not (tmp_path / "out").exists()  # refused before anything is written
+    assert tree_hash(c) == before
+
+
+def _save_with(a: Path, dst: Path, change) -> Path:
+    from safetensors import safe_open
+
+    dst.mkdir()
+    (dst / "config.json").write_text((a / "config.json").read_text())
+    with safe_open(str(a / "model.safetensors"), "pt") as h:
+        t = {k: h.get_tensor(k) for k in h.keys()}
+    change(t)
+    save_file(t, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+@pytest.mark.parametrize("kind", ["bf16-scale", "transposed-grid", "scale-of-bf16-weight"])
+def test_bad_fp8_scales_refused(pair, tmp_path, capsys, kind):
+    root, sd, cfg, a, b = pair
+    w = "model.layers.0.self_attn.o_proj.weight"            # [200, 128]: a 2 x 1 scale grid
+    s = w[: -len(".weight")] + ".weight_scale_inv"
+    if kind == "bf16-scale":
+        change = lambda t: t.__setitem__(s, t[s].to(torch.bfloat16))  # noqa: E731
+    elif kind == "transposed-grid":
+        change = lambda t: t.__setitem__(s, t[s].t().contiguous())  # noqa: E731
+    else:
+        w, s = "model.layers.0.input_layernorm.weight", "model.layers.0.input_layernorm.weight_scale_inv"
+        change = lambda t: t.__setitem__(s, torch.ones(1, 2))  # noqa: E731
+    c = _save_with(a, tmp_path / "c", change)
+    err = expect_error(capsys, tmp_path, _recipe(tmp_path, {"a": a, "c": c}), str(c / "model.safetensors"), s)
+    assert {"bf16-scale": "float32", "transposed-grid": "expected [2, 1]", "scale-of-bf16-weight": "not FP8"}[kind] in err
+
+
+# ------------------------------------------------------------------ parents must agree on what a merge assumes
+
+def test_quantization_and_routing_must_agree(pair, tmp_path, capsys):
+    root, sd, cfg, a, b = pair
+    ue = ckpt.write(tmp_path / "ue", ckpt.perturb(sd, 22), cfg, "fp8", ue8m0=True)
+    err = expect_error(capsys, tmp_path, _recipe(tmp_path, {"a": a, "ue": ue}), "quantization_config.scale_fmt",
+                       "use_base_config")
+    assert "ue8m0" in err
+    topk = dict(cfg, num_experts_per_tok=3, scoring_func="softmax")
+    k = ckpt.write(tmp_path / "k", ckpt.perturb(sd, 23), topk, "fp8")
+    err = expect_error(capsys, tmp_path, _recipe(tmp_path, {"a": a, "k": k}), "num_experts_per_tok", "scoring_func")
+    # resolved by the recipe: the child has the base's routing, stated in the record and the card
+    r = _recipe(tmp_path, {"a": a, "k": k}, use_base_config=["num_experts_per_tok", "scoring_func"])
+    code, err = run_cli(["merge", r, "-o", tmp_path / "ok"], capsys)
+    assert code == 0, err
+    child = json.loads((tmp_path / "ok" / "config.json").read_text())
+    assert child["num_experts_per_tok"] == cfg["num_experts_per_tok"] and child.get("scoring_func") == cfg.get("scoring_func")
+    rec = json.loads((tmp_path / "ok" / "chimera_merge.json").read_text())
+    assert rec["config_from_base"]["num_experts_per_tok"] == {"a": cfg["num_experts_per_tok"], "k": 3}
+    assert "num_experts_per_tok" in (tmp_path / "ok" / "README.md").read_text()
+
+
+# ------------------------------------------------------------------ OS errors
+
+def test_os_errors_are_one_line(pair, tmp_path):
+    """A write the kernel refuses (RLIMIT_FSIZE: EFBIG) and an output under a regular file (ENOTDIR)."""
+    import resource
+
+    root, sd, cfg, a, b = pair
+    r = _recipe(tmp_path, {"a": a, "b": b})
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, resource.RLIM_INFINITY))
+
+    p = subprocess.run([sys.executable, "-m", "chimera", "merge", str(r), "-o", str(tmp_path / "o")],
+                       capture_output=True, text=True, preexec_fn=small_files)
+    assert p.returncode != 0
+    err = p.stderr.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    assert str(tmp_path / "o" / "model.safetensors") in err and "File too large" in err
+    assert not (tmp_path / "o" / "config.json").exists() and not list((tmp_path / "o").glob("*.safetensors"))
+    assert not list((tmp_path / "o").glob(".*.partial"))
+    (tmp_path / "file").write_text("x")
+    p = subprocess.run([sys.executable, "-m", "chimera", "merge", str(r), "-o", str(tmp_path / "file" / "o")],
+                       capture_output=True, text=True)
+    err = p.stderr.strip()
+    assert p.returncode != 0 and err.startswith("error: ") and "\n" not in err, err
+    assert str(tmp_path / "file") in err
+    p = subprocess.run([sys.executable, "-m", "chimera", "merge", str(r), "-o", str(tmp_path / "file" / "o")],
+                       capture_output=True, text=True, env={**os.environ, "CHIMERA_DEBUG": "1"})
+    assert "Traceback" in p.stderr

@@ -145,9 +145,21 @@ def test_r1_reasons_in_the_prompt_language(reports):
 
 # ------------------------------------------------------------------ data and trainer
 
+_TASKS_DIGEST = ("import dataclasses, hashlib, json; from chimera.zoo import tasks; "
+                 "print(hashlib.sha256(json.dumps([tasks.eval_suites(), [dataclasses.asdict(e) for e in "
+                 "tasks.sft_examples('reason', 3, 50)]], sort_keys=True).encode()).hexdigest())")
+
+
 def test_tasks_are_deterministic_and_split():
-    assert tasks.eval_suites() == tasks.eval_suites()
-    assert tasks.sft_examples("reason", 3, 50) == tasks.sft_examples("reason", 3, 50)
+    """The same suites and training examples in fresh processes with different hash seeds."""
+    import os
+    import subprocess
+    import sys
+
+    digests = {subprocess.run([sys.executable, "-c", _TASKS_DIGEST], capture_output=True, text=True, check=True,
+                              env={**os.environ, "PYTHONHASHSEED": seed}).stdout.strip() for seed in ("1", "2")}
+    assert len(digests) == 1 and len(next(iter(digests))) == 64
+    assert tasks.sft_examples("reason", 4, 50) != tasks.sft_examples("reason", 3, 50)  # the seed matters
     train_pairs = {(e.prompt) for e in tasks.sft_examples("instruct", 0, 2000)}
     held = {it["prompt"] for it in tasks.eval_suites()["arithmetic"]}
     spaced = {" ".join(ztok.words_of(p)) for p in held}

@@ -18,15 +18,10 @@ import math
 
 import torch
 
-BLOCK = 128
+from chimera.checkpoint.formats import BLOCK, scale_shape  # noqa: F401  (re-exported)
+
 FP8_MAX = 448.0
 FP8 = torch.float8_e4m3fn
-
-
-def scale_shape(shape: tuple[int, ...], block: int = BLOCK) -> tuple[int, int]:
-    """The scale grid of an [M, N] weight: [ceil(M/block), ceil(N/block)]."""
-    m, n = shape
-    return (math.ceil(m / block), math.ceil(n / block))
 
 
 def _blocks(x: torch.Tensor, block: int) -> tuple[torch.Tensor, int, int]:

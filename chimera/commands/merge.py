@@ -25,8 +25,11 @@ def _gb(n: int) -> str:
 
 def plan(recipe: Path = typer.Argument(..., help="recipe YAML (chimera schema or mergekit linear)"),
          distances: bool = typer.Option(False, "--distances", help="also read the parents to compute distances (implied by a threshold)"),
+         out_dir: Optional[Path] = typer.Option(None, "-o", "--out", help="output directory whose free space to check (default: here)"),
+         top: int = typer.Option(10, "--top", help="largest distances to print"),
          json_out: Optional[Path] = typer.Option(None, "--json", help="write the full per-tensor plan as JSON")) -> None:
-    """Show what comes from where (operations, bytes, distances); writes no checkpoint."""
+    """Show what the merge will do (operations, bytes copied and computed, free space, distances); writes no checkpoint."""
+    from chimera.merge.output import free_bytes
     from chimera.merge.plan import build_plan
     from chimera.merge.recipe import load
     from chimera.merge.report import plan_report
@@ -41,12 +44,39 @@ def plan(recipe: Path = typer.Argument(..., help="recipe YAML (chimera schema or
         t.add_row(row["class"], str(row["tensors"]), row["op"], row["lambdas"], _gb(row["bytes"]))
     out.print(t)
     s = rep["summary"]
-    out.print(f"{s['tensors']} tensors in {s['shards']} shard(s), {_gb(s['output_bytes'])} to write, "
-              f"{_gb(s['parent_bytes'])} of parents; operations: {s['ops']}")
+    free = free_bytes(out_dir or Path.cwd())
+    out.print(f"{s['tensors']} tensors in {s['shards']} shard(s)")
+    if "copy_bytes" in s:
+        out.print(f"writes {_gb(s['file_bytes'])}: {_gb(s['copy_bytes'])} copied, {_gb(s['computed_bytes'])} computed")
+        out.print(f"reads up to {_gb(s['parent_bytes'])} of parents")
+    else:
+        out.print(f"writes {_gb(s['file_bytes'])}; reads up to {_gb(s['parent_bytes'])} of parents")
+    fits = "fits" if s["file_bytes"] < free else "does NOT fit"
+    out.print(f"free space at {out_dir or 'the current directory'}: {_gb(free)} (the output {fits})")
+    for key, vals in rep["config_from_base"].items():
+        out.print(f"config {key} differs ({', '.join(f'{k}={v}' for k, v in vals.items())}): the child has the base's")
     if "threshold" in rep:
         th = rep["threshold"]
         out.print(f"threshold delta={th['delta']} ({th['metric']}): {th['merged']} tensor(s) merged, "
                   f"{th['from_base']} from the base")
+    if rep.get("distances"):
+        d = rep["distances"]
+        t = Table(title=f"{rep['metric']} distance to the base, per class")
+        for c in ("class", "tensors", "mean", "max"):
+            t.add_column(c)
+        by: dict[str, list[float]] = {}
+        for it in p.items:
+            if it.name in d:
+                by.setdefault(it.cls or "override", []).append(d[it.name])
+        for c, ds in sorted(by.items()):
+            t.add_row(c, str(len(ds)), f"{sum(ds) / len(ds):.4g}", f"{max(ds):.4g}")
+        out.print(t)
+        t = Table(title=f"largest {min(top, len(d))}")
+        t.add_column("tensor", overflow="fold")
+        t.add_column("distance")
+        for name, v in sorted(d.items(), key=lambda kv: -kv[1])[:top]:
+            t.add_row(name, f"{v:.4g}")
+        out.print(t)
     if json_out:
         import json
 
@@ -58,7 +88,9 @@ def merge(recipe: Path = typer.Argument(..., help="recipe YAML"),
           resume: bool = typer.Option(False, "--resume", help="finish an interrupted merge into OUT"),
           force: bool = typer.Option(False, "--force", help="overwrite a non-empty OUT"),
           workers: int = typer.Option(2, "--workers", "-j", help="shard jobs run in parallel"),
-          compile: str = typer.Option("auto", "--compile", help="fused FP8 kernel under torch.compile: auto | on | off")) -> None:
+          compile: str = typer.Option("auto", "--compile", help="fused FP8 kernel under torch.compile: auto | on | off"),
+          distances: bool = typer.Option(True, "--distances/--no-distances",
+                                         help="record every tensor's distance to the base (--no-distances: copies run at disk speed)")) -> None:
     """Build the child checkpoint described by RECIPE."""
     from chimera.merge.execute import run_merge
     from chimera.merge.plan import build_plan
@@ -69,7 +101,7 @@ def merge(recipe: Path = typer.Argument(..., help="recipe YAML"),
     with _bar() as bar:
         task = bar.add_task("merge", total=sum(j.nbytes for j in p.jobs))
         res = run_merge(p, out, resume=resume, force=force, workers=workers,
-                        on_bytes=lambda n: bar.advance(task, n), compile=compile)
+                        on_bytes=lambda n: bar.advance(task, n), compile=compile, distances=distances)
     dt = time.perf_counter() - t0
     Console().print(f"wrote {res.out} ({res.written} of {res.shards} shard(s) this run) in {dt:.1f}s; "
                     f"operations: {res.ops}")

@@ -10,11 +10,11 @@ from chimera.merge.recipe import Recipe, load
 
 
 def merge(recipe: Recipe | str | os.PathLike, out: str | os.PathLike, resume: bool = False,
-          force: bool = False, workers: int = 2) -> MergeResult:
+          force: bool = False, workers: int = 2, distances: bool = True) -> MergeResult:
     """Build the child checkpoint described by `recipe` (a Recipe or a YAML path) in `out`."""
     if not isinstance(recipe, Recipe):
         recipe = load(Path(recipe))
-    return run_merge(build_plan(recipe), out, resume=resume, force=force, workers=workers)
+    return run_merge(build_plan(recipe), out, resume=resume, force=force, workers=workers, distances=distances)
 
 
 __all__ = ["merge", "build_plan", "run_merge", "load", "Recipe", "Plan", "MergeResult"]

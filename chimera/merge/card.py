@@ -8,8 +8,8 @@ import yaml
 from chimera.merge.plan import Plan
 
 
-def write(plan: Plan, out: Path, ops: dict[str, int]) -> None:
-    """`ops`: how many tensors each operation produced."""
+def write(plan: Plan, out: Path, ops: dict[str, int], distances: bool = True) -> None:
+    """`ops`: how many tensors each operation produced; `distances`: every record holds one."""
     r = plan.recipe
     meta = {"base_model": [str(p) for p in r.parents.values()], "base_model_relation": "merge",
             "library_name": "transformers",
@@ -24,8 +24,12 @@ def write(plan: Plan, out: Path, ops: dict[str, int]) -> None:
         "(a single lambda of 1 copies the parent's stored bytes verbatim).", "",
         "| operation | tensors |", "| --- | --- |",
         *[f"| {op} | {n} |" for op, n in sorted(ops.items())], "",
+        *([f"The parents differ in `{'`, `'.join(plan.resolved)}`; the child has the base's values "
+           "(`use_base_config`), and tensors stored in another quantization format were converted to "
+           "the child's.", ""] if plan.resolved else []),
         "## Recipe", "", "```yaml", recipe_text.strip(), "```", "",
-        "Per-tensor operations and parent distances: `chimera_merge.json`.", "",
+        (f"Per-tensor operations and {plan.metric} distances of the parents to the base: `chimera_merge.json`."
+         if distances else "Per-tensor operations: `chimera_merge.json` (distances were not measured)."), "",
     ]
     (out / "README.md").write_text("\n".join(lines))
     (out / "chimera_recipe.yaml").write_text(recipe_text if recipe_text.endswith("\n") else recipe_text + "\n")

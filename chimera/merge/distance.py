@@ -1,24 +1,36 @@
-"""Normalized distances between two parents' versions of a tensor (threshold delta, `chimera diff`).
+"""Normalized distances between two parents' versions of a tensor (threshold delta, records, `chimera diff`).
 
-On dequantized float32 values A (a parent) and B (the base), accumulated in float64 over row chunks
-(converted to float64 a tile of TILE elements at a time, so the temporaries stay a few MB whatever
-the chunk):
+On dequantized float32 values A (a parent) and B (the base), accumulated in float64 over row chunks:
 
     relative   d = ||A - B||_F / ||B||_F
     symmetric  d = 2 ||A - B||_F / (||A||_F + ||B||_F)
     rms        d = ||A - B||_F / sqrt(numel)
 
-With more than two parents the merge uses the largest distance of any parent to the base.
-Identical tensors give 0; a zero denominator gives 0 if A == B, else inf.
+With more than two parents a tensor's distance is the largest of any parent to the base. Identical
+tensors give 0; a zero denominator gives 0 if A == B, else inf. numpy only (no torch), so a merge
+that only copies bytes records distances without importing torch. Memory: one row chunk per parent.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
-import torch
+import numpy as np
 
-TILE = 1 << 18  # elements per float64 tile (2 MB)
+from chimera.checkpoint.decode import read_array
+
+CHUNK_ELEMS = 1 << 23  # elements per row chunk (32 MB of float32)
+
+
+def row_chunks(shape: tuple[int, ...], block: int, elems: int = CHUNK_ELEMS) -> list[tuple[int, int] | None]:
+    """Block-aligned row ranges of about `elems` elements covering a tensor; [None] for 0-d/1-d/empty."""
+    if len(shape) < 2 or shape[0] == 0:
+        return [None]
+    row = 1
+    for d in shape[1:]:
+        row *= d
+    step = max(block, (elems // max(row, 1)) // block * block)
+    return [(r, min(r + step, shape[0])) for r in range(0, shape[0], step)]
 
 
 @dataclass
@@ -30,15 +42,21 @@ class Norms:
     b2: float = 0.0
     numel: int = 0
 
-    def add(self, a: torch.Tensor, b: torch.Tensor) -> None:
-        a, b = a.reshape(-1), b.reshape(-1)
-        for i in range(0, a.numel(), TILE):
-            a64, b64 = a[i:i + TILE].to(torch.float64), b[i:i + TILE].to(torch.float64)   # [TILE]
-            self.a2 += float(torch.dot(a64, a64))
-            self.b2 += float(torch.dot(b64, b64))
-            d = a64.sub_(b64)
-            self.diff2 += float(torch.dot(d, d))
-        self.numel += a.numel()
+    def add(self, a, b, b2: float | None = None) -> None:
+        """Add one chunk (numpy arrays, or anything `np.asarray` takes, e.g. CPU torch tensors).
+
+        Everything in float64, over 64K pieces with numpy's own loops (no BLAS threads: those thrash
+        on a busy machine). `b2`: the chunk's ||B||^2 when the caller already has it (the base is
+        shared by every parent).
+        """
+        a, b = np.asarray(a).reshape(-1), np.asarray(b).reshape(-1)
+        step = 1 << 16
+        for i in range(0, a.size, step):
+            d = a[i:i + step].astype(np.float64) - b[i:i + step]
+            self.diff2 += float(np.einsum("i,i->", d, d))
+            self.a2 += sum_squares(a[i:i + step])
+        self.b2 += sum_squares(b) if b2 is None else b2
+        self.numel += a.size
 
     def distance(self, metric: str) -> float:
         diff = math.sqrt(self.diff2)
@@ -52,11 +70,56 @@ class Norms:
             raise ValueError(f"unknown metric {metric}")
         if den == 0:
             return 0.0 if diff == 0 else math.inf
+        if math.isnan(diff):
+            return math.inf
         return diff / den
 
 
-def distance(a: torch.Tensor, b: torch.Tensor, metric: str = "relative") -> float:
+def sum_squares(x) -> float:
+    """sum(x^2) in float64 (see `Norms.add`)."""
+    x = np.asarray(x).reshape(-1)
+    total = 0.0
+    for i in range(0, x.size, 1 << 16):
+        p = x[i:i + (1 << 16)].astype(np.float64)
+        total += float(np.einsum("i,i->", p, p))
+    return total
+
+
+def distance(a, b, metric: str = "relative") -> float:
     """Distance of two whole tensors (see module docstring)."""
     n = Norms()
     n.add(a, b)
     return n.distance(metric)
+
+
+class ToBase:
+    """max_i d(P_i, B) of one output tensor, fed chunk by chunk (`add`), for every non-base parent."""
+
+    def __init__(self, item):
+        self.item = item
+        self.norms = {s.parent: Norms() for s in item.others}
+
+    def add(self, rows: tuple[int, int] | None, arrays: dict[str, np.ndarray] | None = None) -> None:
+        """Add rows [r0, r1); `arrays` may hold parents' float32 values of those rows already read."""
+        arrays = arrays if arrays is not None else {}
+        it = self.item
+        b = arrays.get(it.base)
+        if b is None:
+            b = read_array(it.source(it.base).stored, rows)
+        b2 = sum_squares(b)
+        for p, n in self.norms.items():
+            a = arrays.get(p)
+            n.add(a if a is not None else read_array(it.source(p).stored, rows), b, b2)
+
+    def value(self, metric: str | None = None) -> float:
+        metric = metric or self.item.metric
+        return max((n.distance(metric) for n in self.norms.values()), default=0.0)
+
+
+def distance_to_base(item, metric: str | None = None, chunk_elems: int = CHUNK_ELEMS) -> float:
+    """max_i d(P_i, base) over the non-base parents, on dequantized values, chunk by chunk."""
+    acc = ToBase(item)
+    if acc.norms:
+        for rows in row_chunks(item.shape, item.align, chunk_elems):
+            acc.add(rows)
+    return acc.value(metric)

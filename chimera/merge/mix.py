@@ -1,8 +1,12 @@
-"""The per-chunk arithmetic of a merge: W = sum_i lambda_i * W_i, then re-encode.
+"""The per-chunk arithmetic of a merge: W = sum_i lambda_i * W_i, then encode in the output's format.
 
-Generic path (any dtypes, any shape): dequantize each parent's rows to float32, accumulate, encode.
-Fast path (every parent FP8, rows and columns whole 128-blocks, FP8 output) fuses the block math so
-each element is touched a few times in cache-sized chunks:
+Generic path (any dtypes, any shape): each parent's rows as float32 (dequantized by
+`chimera.checkpoint.decode`), `weighted_sum`, then `encode` (cast, or FP8 block re-quantization).
+A new output format adds its encoder to `encode`.
+Fast path (every parent FP8, whole 128-column blocks, FP8 output; a partial last row block is padded)
+fuses the block math so each element is touched a few times in cache-sized chunks. Which path a
+tensor takes depends on its shape and formats only, never on the chunk size, so chunking never
+changes the bytes:
 
     acc[b] = sum_i q_i[b] * (lambda_i * s_i[b])           # [Rb, 128, Nb, 128] float32
     s[b]   = max(amax|acc[b]|, 1e-4) / 448 ;  q[b] = e4m3(acc[b] / s[b])
@@ -15,25 +19,80 @@ from __future__ import annotations
 
 import threading
 
+import numpy as np
 import torch
 
+from chimera.checkpoint import fp8
+from chimera.checkpoint.files import torch_dtype
 from chimera.checkpoint.fp8 import FP8, FP8_MAX
+from chimera.checkpoint.formats import scale_name
+from chimera.errors import ChimeraError
+
+
+def weighted_sum(xs: list[torch.Tensor], lams: list[float]) -> torch.Tensor:
+    """sum_i lambda_i * x_i in float32 (the first x is scaled in place: pass fresh tensors)."""
+    acc = None
+    for x, lam in zip(xs, lams):
+        acc = (x if lam == 1.0 else x.mul_(lam)) if acc is None else acc.add_(x, alpha=lam)
+    return acc
+
+
+def non_finite(name: str) -> ChimeraError:
+    return ChimeraError(f"tensor {name}: the mix produced NaN/Inf (non-finite values in a parent?)")
+
+
+def encode(acc: torch.Tensor, it, rows: tuple[int, int] | None) -> list[tuple[str, np.ndarray, int]]:
+    """float32 rows [r, ...] of output tensor `it` -> (slot name, bytes, byte offset in the slot) to write."""
+    r0 = rows[0] if rows else 0
+    if it.fp8_out:
+        try:
+            q, s = fp8.quantize(acc, it.block, it.ue8m0)    # [r, N] e4m3, [r/B, Nb] f32
+        except FloatingPointError:
+            raise non_finite(it.name) from None
+        return [(it.name, as_bytes(q), r0 * q.shape[1]),
+                (scale_name(it.name), as_bytes(s), (r0 // it.block) * s.shape[1] * 4)]
+    # one float32 sum is finite iff no element is NaN/Inf (20x cheaper than isfinite().all());
+    # it could only overflow for weights near float32's limit, which bf16/f32 can't hold either
+    if acc.is_floating_point() and not bool(torch.isfinite(acc.sum())):
+        raise non_finite(it.name)
+    t = acc.to(torch_dtype(it.dtype))
+    row_bytes = t[0].numel() * t.element_size() if t.dim() >= 2 else 0
+    return [(it.name, as_bytes(t), r0 * row_bytes)]
+
+
+def as_bytes(t: torch.Tensor) -> np.ndarray:
+    return t.contiguous().view(torch.uint8).reshape(-1).numpy()
+
+
+def fused_applies(it, srcs) -> bool:
+    """The fused block kernel needs FP8 in and out, the output's block size, whole column blocks."""
+    return (it.fp8_out and len(it.shape) == 2 and it.shape[0] > 0 and it.shape[1] % it.block == 0
+            and all(s.scale is not None and s.block == it.block for s in srcs))
 
 
 def mix_fp8_blocks(qs: list[torch.Tensor], ss: list[torch.Tensor], lams: torch.Tensor, ue8m0: bool = False,
                    block: int = 128) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """FP8 parents' row chunk [R, N] (R, N multiples of `block`) -> (q [R, N], s [R/b, N/b], amax)."""
+    """FP8 parents' row chunk [R, N] (N a multiple of `block`; a partial last row block is zero-padded,
+    which leaves its amax unchanged) -> (q [R, N], s [ceil(R/b), N/b], amax)."""
     r, n = qs[0].shape
-    rb, nb = r // block, n // block
-    acc = qs[0].to(torch.float32).view(rb, block, nb, block).mul_((ss[0] * lams[0])[:, None, :, None])
+    rb, nb = -(-r // block), n // block
+    pad = rb * block - r
+
+    def blocks(q: torch.Tensor) -> torch.Tensor:                            # [Rb, b, Nb, b] float32
+        x = q.to(torch.float32)
+        if pad:
+            x = torch.nn.functional.pad(x, (0, 0, 0, pad))
+        return x.view(rb, block, nb, block)
+
+    acc = blocks(qs[0]).mul_((ss[0] * lams[0])[:, None, :, None])
     for i in range(1, len(qs)):
-        acc.addcmul_(qs[i].to(torch.float32).view(rb, block, nb, block), (ss[i] * lams[i])[:, None, :, None])
+        acc.addcmul_(blocks(qs[i]), (ss[i] * lams[i])[:, None, :, None])
     amax = torch.maximum(acc.amax(dim=(1, 3)), -acc.amin(dim=(1, 3)))      # [Rb, Nb]
     s = amax.clamp(min=1e-4) / FP8_MAX
     if ue8m0:
         s = pow2_ceil(s)
-    q = acc.div_(s[:, None, :, None]).clamp_(-FP8_MAX, FP8_MAX).to(FP8).view(r, n)
-    return q, s, amax
+    q = acc.div_(s[:, None, :, None]).clamp_(-FP8_MAX, FP8_MAX).to(FP8).view(rb * block, n)
+    return (q[:r] if pad else q), s, amax
 
 
 def pow2_ceil(s: torch.Tensor) -> torch.Tensor:

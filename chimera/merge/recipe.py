@@ -11,6 +11,7 @@ chimera's schema:
     overrides: [{match: "model.layers.61.*", weights: {v3: 1.0}}]   # optional, first match wins
     output: {dtype: keep, shard_size: 5GB}
     normalize: false              # optional: rescale lambdas that do not sum to 1
+    use_base_config: [quantization_config, num_experts_per_tok]   # optional, see AGREE_KEYS
 """
 from __future__ import annotations
 
@@ -27,6 +28,13 @@ from chimera.errors import ChimeraError
 
 METRICS = ("relative", "symmetric", "rms")
 OUT_DTYPES = ("keep", "bfloat16", "float32", "float8")
+#: config keys every parent must share (a merge assumes one quantization format and one routing rule).
+#: Where parents differ, `use_base_config: [key, ...]` lets the child take the base's value: for
+#: `quantization_config` every tensor stored in another format is then converted to the base's
+#: (op `cast`: dequantized and re-quantized with the base's block size and scale format).
+ROUTING_KEYS = ("n_routed_experts", "num_experts_per_tok", "n_group", "topk_group", "scoring_func",
+                "topk_method", "norm_topk_prob", "routed_scaling_factor")
+AGREE_KEYS = ("quantization_config",) + ROUTING_KEYS
 
 
 @dataclass(frozen=True)
@@ -53,6 +61,7 @@ class Recipe:
     overrides: list[Override] = field(default_factory=list)
     dtype: str = "keep"
     shard_size: int = 5 * 10**9
+    use_base_config: tuple[str, ...] = ()  # AGREE_KEYS where parents may differ (the child takes the base's)
     source: str = ""  # the recipe text as given, copied into the output
 
     def lambdas(self, name: str, cls: str | None) -> dict[str, float] | None:
@@ -72,6 +81,8 @@ class Recipe:
         if self.overrides:
             d["overrides"] = [{"match": o.match, "weights": o.weights} for o in self.overrides]
         d["output"] = {"dtype": self.dtype, "shard_size": self.shard_size}
+        if self.use_base_config:
+            d["use_base_config"] = list(self.use_base_config)
         return d
 
 
@@ -117,7 +128,7 @@ def from_dict(d: dict, where: str = "recipe", root: Path | None = None) -> Recip
         raise ChimeraError(f"{where}: a recipe is a YAML mapping")
     if "merge_method" in d or "models" in d:
         return from_mergekit(d, where, root)
-    known = {"parents", "base", "weights", "threshold", "overrides", "output", "normalize"}
+    known = {"parents", "base", "weights", "threshold", "overrides", "output", "normalize", "use_base_config"}
     extra = set(d) - known
     if extra:
         raise ChimeraError(f"{where}: unknown key(s) {', '.join(sorted(extra))} (known: {', '.join(sorted(known))})")
@@ -165,7 +176,10 @@ def from_dict(d: dict, where: str = "recipe", root: Path | None = None) -> Recip
     if dtype not in OUT_DTYPES:
         raise ChimeraError(f"{where}: output.dtype {dtype!r} unknown (one of {', '.join(OUT_DTYPES)})")
     shard_size = parse_size(out.get("shard_size", "5GB"), f"{where}: output")
-    return Recipe(parents, base, weights, threshold, overrides, dtype, shard_size)
+    ubc = d.get("use_base_config") or []
+    if not isinstance(ubc, list) or any(k not in AGREE_KEYS for k in ubc):
+        raise ChimeraError(f"{where}: use_base_config must list config keys from: {', '.join(AGREE_KEYS)}")
+    return Recipe(parents, base, weights, threshold, overrides, dtype, shard_size, tuple(ubc))
 
 
 def from_mergekit(d: dict, where: str = "recipe", root: Path | None = None) -> Recipe:

@@ -2,55 +2,92 @@
 from __future__ import annotations
 
 import csv
+import math
 import re
 from pathlib import Path
 
 from chimera.checkpoint import arch
+from chimera.checkpoint.decode import read_array
 from chimera.checkpoint.files import Checkpoint
 from chimera.errors import ChimeraError
-from chimera.merge.distance import Norms
-from chimera.merge.execute import distance_to_base, row_chunks
+from chimera.merge.distance import CHUNK_ELEMS, Norms, ToBase, row_chunks
 from chimera.merge.plan import Plan
+from chimera.merge.recipe import METRICS
 
 
-def plan_report(plan: Plan, with_distances: bool = False, metric: str | None = None) -> dict:
-    """Rows grouped by (class, operation, lambdas); with distances, the threshold's merged/base counts."""
+def _lambdas(lams) -> str:
+    return ", ".join(f"{p}={v:g}" for p, v in lams)
+
+
+def plan_report(plan: Plan, with_distances: bool = False, metric: str | None = None,
+                chunk_elems: int = CHUNK_ELEMS) -> dict:
+    """What the merge will do, grouped by (class, operation, lambdas), with bytes copied vs computed.
+
+    With distances (read from the parents, a few row chunks in memory) every tensor's distance to the
+    base is measured and a threshold is resolved exactly as the merge resolves it: rows then say how
+    many tensors of a class are merged and how many come from the base. Without distances a
+    thresholded row says `mix or base`.
+    """
+    th = plan.recipe.threshold
+    metric = metric or plan.metric
+    dist: dict[str, float] = {}
+    decide: dict[str, float] = {}
+    if with_distances:
+        for it in plan.items:
+            if not it.others:
+                continue
+            acc = ToBase(it)
+            for rows in row_chunks(it.shape, it.align, chunk_elems):
+                acc.add(rows)
+            dist[it.name] = acc.value(metric)
+            if it.threshold is not None:
+                decide[it.name] = acc.value(it.threshold.metric)
     groups: dict[tuple, dict] = {}
+    merged = copied = 0
     for it in plan.items:
-        lam = ", ".join(f"{p}={v:g}" for p, v in it.lambdas)
-        key = (it.cls or "override", it.op, lam)
-        g = groups.setdefault(key, {"class": key[0], "op": it.op, "lambdas": lam, "tensors": 0, "bytes": 0})
+        op, lams = it.op, it.lambdas
+        if it.threshold is not None:
+            if it.name not in decide:
+                op = f"{it.op} or base"
+            elif decide[it.name] >= it.threshold.delta:
+                merged += 1
+            else:
+                op, lams = "base", ((it.base, 1.0),)
+        if op == "copy" or (op == "base" and it.base_op == "copy"):
+            copied += it.nbytes
+        key = (it.cls or "override", op, _lambdas(lams))
+        g = groups.setdefault(key, {"class": key[0], "op": op, "lambdas": key[2], "tensors": 0, "bytes": 0})
         g["tensors"] += 1
         g["bytes"] += it.nbytes
+        if it.name in dist:
+            g["d_max"] = max(g.get("d_max", 0.0), dist[it.name])
+            g["d_sum"] = g.get("d_sum", 0.0) + dist[it.name]
+    for g in groups.values():
+        if "d_sum" in g:
+            g["d_mean"] = g.pop("d_sum") / g["tensors"]
     summary = plan.summary()
     summary["parent_bytes"] = sum(plan.parent_bytes.values())
-    rep: dict = {"plan_id": plan.plan_id, "rows": list(groups.values()), "summary": summary}
+    if with_distances or summary["thresholded"] == 0:
+        summary["copy_bytes"], summary["computed_bytes"] = copied, summary["output_bytes"] - copied
+    rep: dict = {"plan_id": plan.plan_id, "rows": list(groups.values()), "summary": summary,
+                 "config_from_base": plan.resolved}
     if with_distances:
-        parents = list(plan.recipe.parents)
-        metric = metric or (plan.recipe.threshold.metric if plan.recipe.threshold else "relative")
-        dist = {}
-        for it in plan.items:
-            if len(it.sources) > 1 or it.threshold is not None:
-                srcs = [s.parent for s in it.sources]
-                if it.base not in srcs:  # a mix without the base: measure each parent against the base anyway
-                    continue
-                dist[it.name] = distance_to_base(it, srcs, metric)
+        rep["metric"] = metric
         rep["distances"] = dist
-        th = plan.recipe.threshold
         if th is not None:
-            merged = sum(1 for it in plan.items if it.threshold is not None and dist[it.name] >= th.delta)
             thresholded = sum(1 for it in plan.items if it.threshold is not None)
             rep["threshold"] = {"delta": th.delta, "metric": th.metric, "merged": merged,
-                                "from_base": thresholded - merged, "parents": parents}
+                                "from_base": thresholded - merged, "parents": list(plan.recipe.parents)}
     return rep
 
 
-def diff_checkpoints(a: str | Path, b: str | Path, metric: str = "relative") -> list[dict]:
+def diff_checkpoints(a: str | Path, b: str | Path, metric: str = "relative",
+                     chunk_elems: int = CHUNK_ELEMS) -> list[dict]:
     """Distance of every tensor of A to the same tensor of B (dequantized float32)."""
-    if metric not in ("relative", "symmetric", "rms"):
+    if metric not in METRICS:
         raise ChimeraError(f"unknown metric {metric!r} (relative | symmetric | rms)")
     ca, cb = Checkpoint(a), Checkpoint(b)
-    la, lb = ca.logical(), cb.logical()
+    la, lb = ca.stored, cb.stored
     if ca.model_type != cb.model_type:
         raise ChimeraError(f"{a} is {ca.model_type}, {b} is {cb.model_type}: different architectures")
     missing = sorted(set(la) ^ set(lb))
@@ -61,8 +98,9 @@ def diff_checkpoints(a: str | Path, b: str | Path, metric: str = "relative") -> 
         if la[name].shape != lb[name].shape:
             raise ChimeraError(f"tensor {name}: shape {la[name].shape} in {a} vs {lb[name].shape} in {b}")
         n = Norms()
-        for rows_ in row_chunks(la[name].shape, ca.block_size()[0]):
-            n.add(ca.read_float(name, rows_), cb.read_float(name, rows_))
+        align = math.lcm(la[name].block if la[name].scale else 1, lb[name].block if lb[name].scale else 1)
+        for rows_ in row_chunks(la[name].shape, align, chunk_elems):
+            n.add(read_array(la[name], rows_), read_array(lb[name], rows_))
         m = re.search(r"layers\.(\d+)\.", name)
         rows.append({"tensor": name, "class": arch.classify(name, ca.config) if arch.supported(ca.model_type) else None,
                      "layer": int(m.group(1)) if m else -1, "distance": n.distance(metric)})
