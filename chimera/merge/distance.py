@@ -58,6 +58,13 @@ class Norms:
         self.b2 += sum_squares(b) if b2 is None else b2
         self.numel += a.size
 
+    def add_sums(self, diff2: float, a2: float, b2: float, numel: int) -> None:
+        """Add one chunk's sums computed elsewhere (`kernels.norms` on stored values)."""
+        self.diff2 += diff2
+        self.a2 += a2
+        self.b2 += b2
+        self.numel += numel
+
     def distance(self, metric: str) -> float:
         diff = math.sqrt(self.diff2)
         if metric == "relative":
@@ -92,6 +99,28 @@ def distance(a, b, metric: str = "relative") -> float:
     return n.distance(metric)
 
 
+PLAIN_FLOATS = ("BF16", "F16", "F32")
+
+
+def stored_values(stored, rows: tuple[int, int] | None) -> tuple[np.ndarray, str]:
+    """Rows of a stored tensor as values the norms kernel reads: plain bf16/f16/f32 as stored (no
+    copy to float32), block FP8 decoded to float32, anything else through `read_array`."""
+    from chimera.checkpoint.files import read_bytes
+    from chimera.merge import kernels
+
+    if stored.scale is None and stored.dtype in PLAIN_FLOATS:
+        buf, shape = read_bytes(stored.weight, rows)
+        return np.frombuffer(buf, kernels.NUMPY[stored.dtype]).reshape(shape), stored.dtype
+    if stored.scale is not None and stored.dtype == "F8_E4M3" and len(stored.weight.shape) == 2:
+        q, qshape = read_bytes(stored.weight, rows)
+        b = stored.block
+        r0, r1 = rows if rows is not None else (0, qshape[0])
+        sc, sshape = read_bytes(stored.scale, (r0 // b, -(-r1 // b)))
+        return kernels.decode_fp8(np.frombuffer(q, np.uint8).reshape(qshape),
+                                  np.frombuffer(sc, np.float32).reshape(sshape), b), "F32"
+    return read_array(stored, rows), "F32"
+
+
 class ToBase:
     """max_i d(P_i, B) of one output tensor, fed chunk by chunk (`add`), for every non-base parent."""
 
@@ -99,17 +128,21 @@ class ToBase:
         self.item = item
         self.norms = {s.parent: Norms() for s in item.others}
 
-    def add(self, rows: tuple[int, int] | None, arrays: dict[str, np.ndarray] | None = None) -> None:
-        """Add rows [r0, r1); `arrays` may hold parents' float32 values of those rows already read."""
-        arrays = arrays if arrays is not None else {}
-        it = self.item
-        b = arrays.get(it.base)
-        if b is None:
-            b = read_array(it.source(it.base).stored, rows)
-        b2 = sum_squares(b)
+    def add(self, rows: tuple[int, int] | None, arrays: dict | None = None) -> None:
+        """Add rows [r0, r1); `arrays` may hold parents' values of those rows already read: float32
+        arrays, or (array, safetensors tag) pairs of stored values."""
+        from chimera.merge import kernels
+
+        def values(p: str) -> tuple[np.ndarray, str]:
+            v = (arrays or {}).get(p)
+            if v is None:
+                return stored_values(self.item.source(p).stored, rows)
+            return v if isinstance(v, tuple) else (v, "F32")
+
+        b, tb = values(self.item.base)
         for p, n in self.norms.items():
-            a = arrays.get(p)
-            n.add(a if a is not None else read_array(it.source(p).stored, rows), b, b2)
+            a, ta = values(p)
+            n.add_sums(*kernels.norms(a, ta, b, tb), a.size)
 
     def value(self, metric: str | None = None) -> float:
         metric = metric or self.item.metric

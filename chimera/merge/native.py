@@ -96,20 +96,19 @@ def lib() -> ctypes.CDLL | None:
     with _lock:
         if _tried:
             return _lib
-        _tried = True
         if os.environ.get("CHIMERA_NATIVE", "1") == "0":
             build_error = "disabled by CHIMERA_NATIVE=0"
-            return None
-        try:
-            so = _build(cache_dir())
-            handle = ctypes.CDLL(str(so))
-            for name, argtypes in SIGNATURES.items():
-                fn = getattr(handle, name)
-                fn.argtypes, fn.restype = argtypes, ctypes.c_int
-            _lib = handle
-        except (OSError, subprocess.SubprocessError, AttributeError) as e:
-            build_error = f"{type(e).__name__}: {e}"
-            _lib = None
+        else:
+            try:
+                so = _build(cache_dir())
+                handle = ctypes.CDLL(str(so))
+                for name, argtypes in SIGNATURES.items():
+                    fn = getattr(handle, name)
+                    fn.argtypes, fn.restype = argtypes, ctypes.c_int
+                _lib = handle
+            except (OSError, subprocess.SubprocessError, AttributeError) as e:
+                build_error = f"{type(e).__name__}: {e}"
+        _tried = True  # only now: a second thread must not see "tried" before the library is there
     return _lib
 
 
@@ -159,13 +158,15 @@ def split(fn: Callable[[int, int], int], n: int, parts: int | None = None) -> in
     return flag
 
 
+SUM_PIECE = 1 << 20  # elements per partial sum: the sums' rounding never depends on the thread count
+
+
 def split_sums(fn: Callable[[int, int, ctypes.Array], int], n: int, width: int) -> list[float]:
-    """Like `split`, for kernels that write `width` float64 sums: each piece gets its own, then they add."""
-    parts = max(1, min(threads(), n))
-    bufs = [(ctypes.c_double * width)() for _ in range(parts)]
-    bounds = [n * i // parts for i in range(parts + 1)]
-    pieces = list(zip(bounds, bounds[1:], bufs))
-    split(lambda i, j: sum(fn(a, b, buf) for a, b, buf in pieces[i:j]), len(pieces), parts)
+    """Like `split`, for kernels that write `width` float64 sums of [start, stop): fixed pieces of
+    SUM_PIECE elements each get their own sums, added in piece order (same result on any thread count)."""
+    bounds = list(range(0, n, SUM_PIECE)) + [n]
+    bufs = [(ctypes.c_double * width)() for _ in range(len(bounds) - 1)]
+    split(lambda i, j: sum(fn(bounds[k], bounds[k + 1], bufs[k]) for k in range(i, j)), len(bufs))
     return [sum(buf[k] for buf in bufs) for k in range(width)]
 
 
