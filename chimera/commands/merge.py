@@ -90,7 +90,10 @@ def merge(recipe: Path = typer.Argument(..., help="recipe YAML"),
           workers: int = typer.Option(2, "--workers", "-j", help="shard jobs run in parallel"),
           compile: str = typer.Option("auto", "--compile", help="fused FP8 kernel under torch.compile: auto | on | off"),
           distances: bool = typer.Option(True, "--distances/--no-distances",
-                                         help="record every tensor's distance to the base (--no-distances: copies run at disk speed)")) -> None:
+                                         help="record every tensor's distance to the base (--no-distances: copies run at disk speed)"),
+          executor: str = typer.Option("local", "--executor", help="local (a thread pool) | ray (one Ray task per shard; OUT on a filesystem all nodes share)"),
+          address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address ('auto': the running cluster; default RAY_ADDRESS, else a new local one)"),
+          device: str = typer.Option("auto", "--device", help="where mixes run: auto | cpu | cuda[:N] (auto: a CUDA device when there is one)")) -> None:
     """Build the child checkpoint described by RECIPE."""
     from chimera.merge.execute import run_merge
     from chimera.merge.plan import build_plan
@@ -101,7 +104,8 @@ def merge(recipe: Path = typer.Argument(..., help="recipe YAML"),
     with _bar() as bar:
         task = bar.add_task("merge", total=sum(j.nbytes for j in p.jobs))
         res = run_merge(p, out, resume=resume, force=force, workers=workers,
-                        on_bytes=lambda n: bar.advance(task, n), compile=compile, distances=distances)
+                        on_bytes=lambda n: bar.advance(task, n), compile=compile, distances=distances,
+                        executor=executor, address=address, device=device)
     dt = time.perf_counter() - t0
     Console().print(f"wrote {res.out} ({res.written} of {res.shards} shard(s) this run) in {dt:.1f}s; "
                     f"operations: {res.ops}")
