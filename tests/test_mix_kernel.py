@@ -259,3 +259,26 @@ def test_device_choice():
         with pytest.raises(ChimeraError, match="--device cuda: torch sees no CUDA device"):
             mixer("cuda")
         assert isinstance(mixer("auto"), CpuMixer)
+
+
+def test_device_path_merge_writes_the_cpu_bytes(ds_pair, tmp_path):
+    """A whole merge (FP8 block mixes, bf16 mixes, copies) through the device path on the CPU equals the
+    default CPU path file for file."""
+    import hashlib
+
+    import yaml
+
+    from chimera.merge import merge
+
+    a, b, *_ = ds_pair
+    rec = tmp_path / "r.yaml"
+    rec.write_text(yaml.safe_dump({"parents": {"v3": str(a), "r1": str(b)}, "base": "v3",
+                                   "weights": {"default": {"v3": 0.6, "r1": 0.4}, "routed_experts": {"r1": 1.0}}}))
+    runs = {d: merge(rec, tmp_path / d.replace(":", "-"), device=d) for d in ("cpu", "torch:cpu")}
+    kinds = {r.get("kernel") for r in runs["cpu"].records.values()}
+    assert {"fused-fp8", "fused-float"} <= kinds
+
+    def sha(d):
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.iterdir()) if p.is_file()}
+
+    assert sha(tmp_path / "cpu") == sha(tmp_path / "torch-cpu")

@@ -84,7 +84,7 @@ def torch_mix_float(xs: list, lams: list[float], out_tag: str, tile: int | None 
     src, flat = [x.reshape(-1) for x in xs], out.view(-1)
     bad = torch.zeros((), dtype=torch.bool, device=out.device)
     for a in range(0, n, step):
-        acc = src[0][a:a + step].to(torch.float32).mul_(lams[0])          # [step] float32
+        acc = src[0][a:a + step].to(torch.float32) * lams[0]             # [step] float32, a new tensor
         for x, lam in zip(src[1:], lams[1:]):
             acc.add_(x[a:a + step].to(torch.float32), alpha=lam)
         bad |= ~torch.isfinite(acc.sum())
