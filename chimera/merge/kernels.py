@@ -24,11 +24,23 @@ import ctypes
 
 import numpy as np
 
+from chimera.errors import ChimeraError
 from chimera.merge import native
 
 NATIVE = {"F32": native.F32, "BF16": native.BF16, "F16": native.F16}
 NUMPY = {"F32": np.float32, "BF16": np.uint16, "F16": np.float16}
 TILE = 1 << 16  # elements per float32 tile of the torch path (256 KB)
+
+
+def non_finite(name: str) -> ChimeraError:
+    return ChimeraError(f"tensor {name}: the mix produced NaN/Inf (non-finite values in a parent?)")
+
+
+def fused_applies(it, srcs) -> bool:
+    """The fused block kernel's case: FP8 in and out at the output's block size, whole column blocks
+    (its torch version, `mix.mix_fp8_blocks`, needs them; the C kernel would take partial ones too)."""
+    return (it.fp8_out and len(it.shape) == 2 and it.shape[0] > 0 and it.shape[1] % it.block == 0
+            and all(s.scale is not None and s.block == it.block for s in srcs))
 
 
 def as_torch(a: np.ndarray, tag: str = ""):

@@ -26,7 +26,7 @@ from chimera.checkpoint import fp8
 from chimera.checkpoint.files import torch_dtype
 from chimera.checkpoint.fp8 import FP8, FP8_MAX
 from chimera.checkpoint.formats import scale_name
-from chimera.errors import ChimeraError
+from chimera.merge.kernels import fused_applies, non_finite  # noqa: F401 (torch-free, used by tensor.py)
 
 
 def weighted_sum(xs: list[torch.Tensor], lams: list[float]) -> torch.Tensor:
@@ -35,10 +35,6 @@ def weighted_sum(xs: list[torch.Tensor], lams: list[float]) -> torch.Tensor:
     for x, lam in zip(xs, lams):
         acc = (x if lam == 1.0 else x.mul_(lam)) if acc is None else acc.add_(x, alpha=lam)
     return acc
-
-
-def non_finite(name: str) -> ChimeraError:
-    return ChimeraError(f"tensor {name}: the mix produced NaN/Inf (non-finite values in a parent?)")
 
 
 def encode(acc: torch.Tensor, it, rows: tuple[int, int] | None) -> list[tuple[str, np.ndarray, int]]:
@@ -62,12 +58,6 @@ def encode(acc: torch.Tensor, it, rows: tuple[int, int] | None) -> list[tuple[st
 
 def as_bytes(t: torch.Tensor) -> np.ndarray:
     return t.contiguous().view(torch.uint8).reshape(-1).numpy()
-
-
-def fused_applies(it, srcs) -> bool:
-    """The fused block kernel needs FP8 in and out, the output's block size, whole column blocks."""
-    return (it.fp8_out and len(it.shape) == 2 and it.shape[0] > 0 and it.shape[1] % it.block == 0
-            and all(s.scale is not None and s.block == it.block for s in srcs))
 
 
 def mix_fp8_blocks(qs: list[torch.Tensor], ss: list[torch.Tensor], lams: torch.Tensor, ue8m0: bool = False,

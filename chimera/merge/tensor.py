@@ -61,10 +61,10 @@ def _copy_rows(out: ShardFile, name: str, info: TensorInfo, rows: tuple[int, int
 
 def _compute(it: Item, out: ShardFile, lams, chunks, measure: ToBase | None, compiled: bool, mixer) -> str:
     """cast / mix, chunk by chunk; returns the kernel used ('fused-fp8', 'fused-float' or 'generic')."""
-    from chimera.merge import mix
+    from chimera.merge import kernels
 
     srcs = [it.source(p) for p, _ in lams]
-    if mix.fused_applies(it, srcs):
+    if kernels.fused_applies(it, srcs):
         return _fused(it, out, lams, chunks, measure, compiled, mixer, fp8=True)
     if not it.fp8_out and it.dtype in PLAIN_FLOATS and all(s.scale is None and s.stored.dtype in PLAIN_FLOATS
                                                            for s in srcs):
@@ -78,7 +78,7 @@ def _fused(it: Item, out: ShardFile, lams, chunks, measure: ToBase | None, compi
     rows; every parent's rows when distances are measured) come from the reader one chunk ahead."""
     import numpy as np
 
-    from chimera.merge import kernels, mix
+    from chimera.merge import kernels
     from chimera.merge.device import CpuMixer
     from chimera.merge.reader import Prefetcher
 
@@ -117,7 +117,7 @@ def _fused(it: Item, out: ShardFile, lams, chunks, measure: ToBase | None, compi
                     measure.add(rows, vals)
                 writes = [(it.name, res, (rows[0] * res.nbytes // max(r, 1)) if rows else 0)]
             if bad:
-                raise mix.non_finite(it.name)
+                raise kernels.non_finite(it.name)
             for name, data, at in writes:
                 out.write(name, data, at)
     return "fused-fp8" if fp8 else "fused-float"
