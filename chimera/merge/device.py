@@ -75,13 +75,18 @@ def _nvidia_driver() -> bool:
     return os.path.exists("/proc/driver/nvidia/version") or os.path.exists("/dev/nvidia0")
 
 
+def cuda_requested(device: str) -> bool:
+    """Whether `--device` means a CUDA device here (auto: when this machine has an NVIDIA driver)."""
+    return device.startswith("cuda") or (device == "auto" and _nvidia_driver())
+
+
 def mixer(device: str = "cpu", compiled: bool | None = None) -> CpuMixer | DeviceMixer:
     """The mixer for `--device`: cpu (C kernels), cuda / cuda:N (torch on that GPU), auto (cuda when
     torch sees one, else cpu), or torch:cpu (the device path's code on this CPU, for tests)."""
     if device == "cpu":
         return CpuMixer()
     if device.startswith("torch:"):
-        return DeviceMixer(device.split(":", 1)[1], bool(compiled))
+        return DeviceMixer(device.split(":", 1)[1], bool(compiled))   # the tests' device path
     if device not in DEVICES and not device.startswith("cuda:"):
         raise ChimeraError(f"--device {device}: expected auto, cpu or cuda[:N]")
     if device == "auto" and not _nvidia_driver():

@@ -65,10 +65,16 @@ class MergeResult:
 COMPILE_MIN_ELEMS = 20_000_000_000  # below ~20 Gparam of FP8 mixing, eager beats paying for compiles
 
 
-def use_compile(plan: Plan, mode: str = "auto") -> bool:
-    """Whether the fused FP8 block kernel runs under torch.compile: 'on', 'off' or 'auto' (by size)."""
+def use_compile(plan: Plan, mode: str = "auto", device: str = "cpu") -> bool:
+    """Whether torch's fused FP8 block kernel runs under torch.compile: 'on', 'off' or 'auto' (on a
+    CUDA device always; on the CPU, where the C kernels run and torch's kernel is only the fallback
+    without a compiler, by size)."""
     if mode in ("on", "off"):
         return mode == "on"
+    from chimera.merge.device import cuda_requested
+
+    if cuda_requested(device):
+        return True
     work = sum(it.shape[0] * it.shape[1] for it in plan.items if it.op == "mix" and it.fp8_out)
     return work >= COMPILE_MIN_ELEMS
 
@@ -105,7 +111,7 @@ def run_merge(plan: Plan, out: str | os.PathLike, resume: bool = False, force: b
         return MergeResult(Path(out).resolve(), len(plan.jobs), 0, records)
     o = Output.open(plan, out, resume, force)
     try:
-        o.compiled = o.compiled if o.compiled is not None else use_compile(plan, compile)
+        o.compiled = o.compiled if o.compiled is not None else use_compile(plan, compile, device)
         o.save()
         todo = [j for j in plan.jobs if j.filename not in o.done]
         if on_bytes:
@@ -114,7 +120,7 @@ def run_merge(plan: Plan, out: str | os.PathLike, resume: bool = False, force: b
         args = [{"job": j, "out_dir": o.path, "compiled": o.compiled, "run_id": o.run_id, "chunk_elems": chunk_elems,
                  "distances": distances, "device": device, **({"on_bytes": on_bytes} if local else {})}
                 for j in todo]
-        gpus = 1 if device.startswith("cuda") else 0
+        gpus = 1 if device.startswith("cuda") else 0   # "auto" on Ray: a task uses a GPU only if given one
 
         def resources(i: int) -> dict:
             return {"num_cpus": 1, "num_gpus": gpus, "memory": job_memory(todo[i], chunk_elems)}
