@@ -1,9 +1,9 @@
-"""The README's performance table, generated from a bench_merge.py result (never copied by hand).
+"""The README's performance tables, generated from the benchmark results (never copied by hand).
 
-    .venv/bin/python benchmarks/table.py [RESULT.json] [--readme]
+    .venv/bin/python benchmarks/table.py [--merge RESULT.json] [--kernels RESULT.json] [--readme]
 
-Prints the markdown; with --readme replaces the block between `<!-- bench:merge -->` and
-`<!-- /bench:merge -->` in README.md.
+Prints the markdown; with --readme replaces the blocks between `<!-- bench:merge -->` and
+`<!-- /bench:merge -->` (bench_merge.py) and `<!-- bench:kernels -->` ... (bench_kernels.py) in README.md.
 """
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import json
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
-BEGIN, END = "<!-- bench:merge -->", "<!-- /bench:merge -->"
 
 
 def _s(x: dict) -> str:
@@ -57,21 +56,42 @@ def markdown(res: dict) -> str:
     return "\n".join(lines)
 
 
+def kernels_markdown(res: dict) -> str:
+    rows = res["rows"]
+    lines = [f"Measured {res['utc']}, one chunk of {res['chunk'][0]} x {res['chunk'][1]}, {res['threads']} threads, "
+             f"medians (`benchmarks/results/{res['benchmark']}-{res['utc']}.json`):", "",
+             "| kernel | Gparam/s | time vs a plain copy of the chunk | max load |", "| --- | --- | --- | --- |"]
+    for name, r in rows.items():
+        lines.append(f"| {name} | {r['Gparam_per_s']:.3f} | {r['x_copy_time']:.2f}x | {r['load1_max']:.1f} |")
+    return "\n".join(lines)
+
+
+def replace_block(text: str, tag: str, md: str) -> str:
+    begin, end = f"<!-- bench:{tag} -->", f"<!-- /bench:{tag} -->"
+    if begin not in text or end not in text:
+        raise SystemExit(f"README.md has no {begin} ... {end} block")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{begin}\n{md}\n{end}{tail}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("result", nargs="?", type=Path, default=ROOT / "results" / "merge.json")
+    ap.add_argument("--merge", type=Path, default=ROOT / "results" / "merge.json")
+    ap.add_argument("--kernels", type=Path, default=ROOT / "results" / "kernels.json")
     ap.add_argument("--readme", action="store_true")
     args = ap.parse_args()
-    md = markdown(json.loads(args.result.read_text()))
-    print(md)
+    blocks = {"merge": markdown(json.loads(args.merge.read_text()))}
+    if args.kernels.exists():
+        blocks["kernels"] = kernels_markdown(json.loads(args.kernels.read_text()))
+    for md in blocks.values():
+        print(md, end="\n\n")
     if args.readme:
         readme = ROOT.parent / "README.md"
         text = readme.read_text()
-        if BEGIN not in text or END not in text:
-            raise SystemExit(f"README.md has no {BEGIN} ... {END} block")
-        head, rest = text.split(BEGIN, 1)
-        _, tail = rest.split(END, 1)
-        readme.write_text(f"{head}{BEGIN}\n{md}\n{END}{tail}")
+        for tag, md in blocks.items():
+            text = replace_block(text, tag, md)
+        readme.write_text(text)
 
 
 if __name__ == "__main__":

@@ -31,11 +31,11 @@ class CpuMixer:
     name = "cpu"
     pinned = False
 
-    def mix_fp8(self, qs, ss, lams, ue8m0, block):
-        return kernels.mix_fp8(qs, ss, lams, ue8m0, block)
+    def mix_fp8(self, qs, ss, lams, ue8m0, block, buf=None):
+        return kernels.mix_fp8(qs, ss, lams, ue8m0, block, buf)
 
-    def mix_float(self, xs, tags, lams, out_tag):
-        return kernels.mix_float(xs, tags, lams, out_tag)
+    def mix_float(self, xs, tags, lams, out_tag, buf=None):
+        return kernels.mix_float(xs, tags, lams, out_tag, buf)
 
 
 class DeviceMixer:
@@ -52,7 +52,7 @@ class DeviceMixer:
     def _up(self, a: np.ndarray, tag: str = ""):
         return kernels.as_torch(a, tag).to(self.device, non_blocking=True)
 
-    def mix_fp8(self, qs, ss, lams, ue8m0, block):
+    def mix_fp8(self, qs, ss, lams, ue8m0, block, buf=None):
         import torch
 
         from chimera.merge import mix
@@ -63,7 +63,7 @@ class DeviceMixer:
                                           ue8m0, block, fn)
         return q.cpu().numpy(), s.cpu().numpy(), bool(bad)
 
-    def mix_float(self, xs, tags, lams, out_tag):
+    def mix_float(self, xs, tags, lams, out_tag, buf=None):
         tile = kernels.TILE if self.device.type == "cpu" else None   # a GPU holds the float32 chunk
         out, bad = kernels.torch_mix_float([self._up(x, t) for x, t in zip(xs, tags)], lams, out_tag, tile)
         return kernels.as_numpy(out.cpu()), bool(bad)

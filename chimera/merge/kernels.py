@@ -44,10 +44,15 @@ def fused_applies(it, srcs) -> bool:
 
 
 def as_torch(a: np.ndarray, tag: str = ""):
-    """A numpy array of stored values as a CPU torch tensor sharing its memory (bf16 reinterpreted)."""
+    """A numpy array of stored values as a CPU torch tensor sharing its memory (bf16 reinterpreted). A
+    read-only array (a view of a mapped parent file) is shared as it is: nothing here writes inputs."""
+    import warnings
+
     import torch
 
-    t = torch.from_numpy(np.ascontiguousarray(a))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        t = torch.from_numpy(np.ascontiguousarray(a))
     return t.view(torch.bfloat16) if tag == "BF16" else t
 
 
@@ -62,10 +67,21 @@ def as_numpy(t) -> np.ndarray:
     return t.numpy()
 
 
-def mix_float(xs: list[np.ndarray], tags: list[str], lams: list[float], out_tag: str) -> tuple[np.ndarray, bool]:
-    """sum_i lams[i] * xs[i] (stored as `tags`, one shape) in float32, rounded once to `out_tag`."""
+def scratch(buf: np.ndarray | None, shape: tuple[int, ...], dtype) -> np.ndarray:
+    """An output array of `shape` in the front of a reused buffer (fresh pages cost a fault and a zeroing
+    each), or a new array when `buf` is None or too small."""
+    n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    if buf is None or buf.nbytes < n:
+        return np.empty(shape, dtype=dtype)
+    return buf.reshape(-1).view(np.uint8)[:n].view(dtype).reshape(shape)
+
+
+def mix_float(xs: list[np.ndarray], tags: list[str], lams: list[float], out_tag: str,
+              buf: np.ndarray | None = None) -> tuple[np.ndarray, bool]:
+    """sum_i lams[i] * xs[i] (stored as `tags`, one shape) in float32, rounded once to `out_tag`
+    (written into the front of `buf` when it is big enough)."""
     xs = [np.ascontiguousarray(x) for x in xs]
-    out = np.empty(xs[0].shape, dtype=NUMPY[out_tag])
+    out = scratch(buf, xs[0].shape, NUMPY[out_tag])
     n = out.size
     lib = native.lib()
     if n == 0:
@@ -105,16 +121,17 @@ def torch_mix_float(xs: list, lams: list[float], out_tag: str, tile: int | None 
 
 
 def mix_fp8(qs: list[np.ndarray], ss: list[np.ndarray], lams: list[float], ue8m0: bool = False,
-            block: int = 128) -> tuple[np.ndarray, np.ndarray, bool]:
+            block: int = 128, buf: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, bool]:
     """FP8 parents' codes [R, N] (rows from a block boundary) and scales [ceil(R/b), ceil(N/b)] ->
-    (codes [R, N], scales, any non-finite), mixed and re-quantized block by block."""
+    (codes [R, N], scales, any non-finite), mixed and re-quantized block by block (codes written into
+    the front of `buf` when it is big enough)."""
     r, n = qs[0].shape
     rb, nb = -(-r // block), -(-n // block)
     lib = native.lib()
     if lib is not None and len(qs) <= 16 and block <= 256 and r * n:
         qs = [np.ascontiguousarray(q, dtype=np.uint8) for q in qs]
         ss = [np.ascontiguousarray(s, dtype=np.float32) for s in ss]
-        q_out = np.empty((r, n), dtype=np.uint8)
+        q_out = scratch(buf, (r, n), np.uint8)
         s_out = np.empty((rb, nb), dtype=np.float32)
         qp, sp, k = native.ptrs(qs), native.ptrs(ss), len(qs)
         lam_c, qo, so = (ctypes.c_float * k)(*lams), native.ptr(q_out), native.ptr(s_out)
@@ -124,8 +141,7 @@ def mix_fp8(qs: list[np.ndarray], ss: list[np.ndarray], lams: list[float], ue8m0
 
     from chimera.merge.mix import mix_fp8_blocks
 
-    q, s, bad = torch_mix_fp8([torch.from_numpy(np.ascontiguousarray(q)) for q in qs],
-                              [torch.from_numpy(np.ascontiguousarray(s, dtype=np.float32)) for s in ss],
+    q, s, bad = torch_mix_fp8([as_torch(q) for q in qs], [as_torch(s.astype(np.float32, copy=False)) for s in ss],
                               torch.tensor(lams, dtype=torch.float32), ue8m0, block, mix_fp8_blocks)
     return q.numpy(), s.numpy(), bad
 
@@ -151,8 +167,8 @@ def decode_fp8(q: np.ndarray, s: np.ndarray, block: int = 128) -> np.ndarray:
 
         from chimera.checkpoint import fp8
 
-        qt = torch.from_numpy(np.ascontiguousarray(q)).view(torch.float8_e4m3fn)
-        return fp8.dequantize(qt, torch.from_numpy(np.ascontiguousarray(s, dtype=np.float32)), block).numpy()
+        qt = as_torch(q).view(torch.float8_e4m3fn)
+        return fp8.dequantize(qt, as_torch(s.astype(np.float32, copy=False)), block).numpy()
     q, s = np.ascontiguousarray(q, dtype=np.uint8), np.ascontiguousarray(s, dtype=np.float32)
     out = np.empty((r, n), dtype=np.float32)
     qp, sp, o = native.ptr(q), native.ptr(s), native.ptr(out)

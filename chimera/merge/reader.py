@@ -1,8 +1,15 @@
-"""Read a tensor's chunks one step ahead of the arithmetic, into reused buffers.
+"""Read a tensor's chunks one step ahead of the arithmetic.
 
-    with Prefetcher(plan_of_reads, pinned=False) as chunks:
+    with Prefetcher(plan_of_reads, pinned=False) as chunks:     # or Mapped(plan_of_reads)
         for parts in chunks:          # parts[k]: the bytes of read k of this chunk (numpy uint8 view)
             ...                       # while this runs, the next chunk is being read
+
+`Mapped` (the CPU path) maps each parent file read-only and hands out views of the page cache, so
+no byte is copied before the kernel reads it; the next chunk is requested with
+`madvise(MADV_WILLNEED)`, which makes the kernel read it from disk in the background when it is not
+cached. (A parent file truncated by someone else during the merge then ends the process with SIGBUS
+instead of an error: parents must not change while they are merged.)
+`Prefetcher` (a device: pinned buffers for asynchronous uploads) reads into buffers:
 
 Each chunk is a list of reads `(TensorInfo, rows)` (a parent's weight rows, its scale rows). A reader
 thread fills chunk i+1 while the caller computes chunk i (`os.preadv` releases the GIL, so reading and
@@ -14,6 +21,7 @@ when it synchronizes before the next step.
 """
 from __future__ import annotations
 
+import mmap
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Iterator
@@ -103,3 +111,61 @@ class Prefetcher:
             if i + 1 < len(self.chunks):
                 ahead = self.pool.submit(self._read, i + 1)
             yield parts
+
+
+class Mapped:
+    """Iterate over chunks of reads as views of read-only file mappings; the next chunk is advised in."""
+
+    def __init__(self, chunks: list[list[Read]]):
+        self.chunks = chunks
+        self.maps: dict = {}
+
+    def __enter__(self) -> "Mapped":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for mm in self.maps.values():
+            try:
+                mm.close()
+            except BufferError:  # a caller still holds a view: the map closes when that goes
+                pass
+        self.maps.clear()
+
+    def _map(self, info: TensorInfo) -> mmap.mmap:
+        mm = self.maps.get(info.file)
+        if mm is None:
+            try:
+                with open(info.file, "rb") as f:
+                    if os.fstat(f.fileno()).st_size < info.end:
+                        raise ChimeraError(f"{info.file}: short file: tensor {info.name} ends past its end "
+                                           "(file changed while merging?)")
+                    mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            except OSError as e:
+                raise ChimeraError(f"{info.file}: cannot read tensor {info.name} ({e.strerror or e})") from None
+            self.maps[info.file] = mm
+        return mm
+
+    def _views(self, i: int) -> list[np.ndarray]:
+        out = []
+        for info, rows in self.chunks[i]:
+            start, nbytes = row_span(info, rows)
+            out.append(np.frombuffer(self._map(info), np.uint8, count=nbytes, offset=start) if nbytes
+                       else np.empty(0, np.uint8))
+        return out
+
+    def _advise(self, i: int) -> None:
+        page = mmap.PAGESIZE
+        for info, rows in self.chunks[i]:
+            start, nbytes = row_span(info, rows)
+            a = start // page * page
+            if nbytes:
+                try:
+                    self._map(info).madvise(mmap.MADV_WILLNEED, a, start + nbytes - a)
+                except (OSError, AttributeError, ValueError):
+                    return
+
+    def __iter__(self) -> Iterator[list[np.ndarray]]:
+        for i in range(len(self.chunks)):
+            if i + 1 < len(self.chunks):
+                self._advise(i + 1)
+            yield self._views(i)

@@ -2,7 +2,8 @@
 
     threshold?  d = max_i d(P_i, B) over the whole tensor first; d < delta -> the base's version
     copy        the selected parent's stored bytes, chunk by chunk (kernel copy; FP8 scale too)
-    cast, mix   per chunk, the next chunk's parents read ahead on a thread (`reader.Prefetcher`):
+    cast, mix   per chunk, the next chunk's parents read ahead (`reader.Mapped`: views of the mapped
+                parent files, the next chunk advised in; `reader.Prefetcher` into pinned buffers for a GPU):
                 FP8 in and out with whole 128-column blocks   the fused block kernel
                 bf16 / f16 / f32 in, one of them out           the fused float kernel, in the stored dtype
                 anything else                                  read rows as float32, acc = sum_i lambda_i x_i,
@@ -80,7 +81,7 @@ def _fused(it: Item, out: ShardFile, lams, chunks, measure: ToBase | None, compi
 
     from chimera.merge import kernels
     from chimera.merge.device import CpuMixer
-    from chimera.merge.reader import Prefetcher
+    from chimera.merge.reader import Mapped, Prefetcher
 
     mixer = mixer or CpuMixer()
     lam_list = [lam for _, lam in lams]
@@ -93,7 +94,8 @@ def _fused(it: Item, out: ShardFile, lams, chunks, measure: ToBase | None, compi
             rs = (rows[0] // it.block, -(-rows[1] // it.block))
             reads += [(it.source(p).scale, rs) for p in parents]
         plan.append(reads)
-    with Prefetcher(plan, pinned=mixer.pinned) as chunks_read:
+    buf = None  # the output chunk's bytes, reused from chunk to chunk
+    with (Prefetcher(plan, pinned=True) if mixer.pinned else Mapped(plan)) as chunks_read:
         for rows, parts in zip(chunks, chunks_read):
             r = (rows[1] - rows[0]) if rows else 1
             if fp8:
@@ -101,7 +103,7 @@ def _fused(it: Item, out: ShardFile, lams, chunks, measure: ToBase | None, compi
                 scales = {p: parts[len(parents) + k].view(np.float32).reshape(-(-r // it.block), -1)
                           for k, p in enumerate(parents)}
                 q, sc, bad = mixer.mix_fp8([codes[p] for p in mixed], [scales[p] for p in mixed], lam_list,
-                                           it.ue8m0, it.block)
+                                           it.ue8m0, it.block, buf)
                 if measure:
                     measure.add(rows, {p: (kernels.decode_fp8(codes[p], scales[p], it.block), "F32")
                                        for p in parents})
@@ -112,12 +114,15 @@ def _fused(it: Item, out: ShardFile, lams, chunks, measure: ToBase | None, compi
                 vals = {p: (parts[k].view(kernels.NUMPY[it.source(p).stored.dtype]).reshape(shape),
                             it.source(p).stored.dtype) for k, p in enumerate(parents)}
                 res, bad = mixer.mix_float([vals[p][0] for p in mixed], [vals[p][1] for p in mixed], lam_list,
-                                           it.dtype)
+                                           it.dtype, buf)
                 if measure:
                     measure.add(rows, vals)
                 writes = [(it.name, res, (rows[0] * res.nbytes // max(r, 1)) if rows else 0)]
             if bad:
                 raise kernels.non_finite(it.name)
+            out_chunk = writes[0][1]
+            if buf is None or out_chunk.nbytes > buf.nbytes:
+                buf = out_chunk.reshape(-1).view(np.uint8)
             for name, data, at in writes:
                 out.write(name, data, at)
     return "fused-fp8" if fp8 else "fused-float"
