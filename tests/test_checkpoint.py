@@ -108,8 +108,6 @@ def test_numpy_decode_is_bitwise_the_float64_reference(ds_pair):
 def test_checkpoint_is_the_floor():
     """chimera/checkpoint imports nothing above it, and its plan/copy modules import no torch."""
     for f in sorted((ROOT / "chimera" / "checkpoint").glob("*.py")):
-        if f.name == "convert.py":  # moved to chimera/merge on another branch (issue 13)
-            continue
         for node in ast.walk(ast.parse(f.read_text())):
             mods = [node.module or ""] if isinstance(node, ast.ImportFrom) else \
                 [a.name for a in node.names] if isinstance(node, ast.Import) else []

@@ -120,6 +120,21 @@ def test_builtin_suites_load():
     assert len(sample) == 30 and {it["split"] for it in sample} == {"easy", "hard"}
 
 
+def test_sample_takes_every_split_in_proportion_with_a_floor():
+    from collections import Counter
+
+    sens = suites.load("sensitive")  # 14 sensitive, 62 benign
+    got = Counter(it["split"] for it in suites.sample(sens, 20))
+    assert got == {"sensitive": 5, "benign": 15}  # proportional would give 3.7 sensitive: the floor is 5
+    assert Counter(it["split"] for it in suites.sample(sens, 60)) == {"sensitive": 11, "benign": 49}
+    assert Counter(it["split"] for it in suites.sample(sens, 6)) == {"sensitive": 3, "benign": 3}
+    items = [{"prompt": str(i), "split": "a" if i < 3 else "b"} for i in range(50)]  # split a has only 3
+    got = suites.sample(items, 10)
+    assert Counter(it["split"] for it in got) == {"a": 3, "b": 7} and len({it["prompt"] for it in got}) == 10
+    assert [it["prompt"] for it in got] == sorted((it["prompt"] for it in got), key=int)  # file order kept
+    assert suites.allocate(3, {"x": 100, "y": 100, "z": 100}) == {"x": 1, "y": 1, "z": 1}
+
+
 def test_suite_errors(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "ok", "answer": "1"}\n{"prompt": "broken"\n')
@@ -301,4 +316,4 @@ def test_generate_with_experts_switched_off(monkeypatch, capsys):
     cli.main()
     assert capsys.readouterr().out.strip()
     code, _, err = _cli(monkeypatch, capsys, "generate", "tiny-r1", "x", "--off", "1:0", "--mode", "sideways")
-    assert code == 2 and "--mode must be replace or drop" in err
+    assert code == 2 and "--mode must be replace | drop" in err

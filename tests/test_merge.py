@@ -51,7 +51,9 @@ def test_r1t_selection_is_byte_exact(ds_pair, tmp_path):
     assert json.loads((out / "config.json").read_text()) == cfg
     assert (out / "tokenizer_config.json").read_bytes() == (a / "tokenizer_config.json").read_bytes()
     card = (out / "README.md").read_text()
-    assert "base_model_relation: merge" in card and str(a) in card and str(b) in card
+    meta = yaml.safe_load(card.split("---")[1])
+    assert meta["base_model"] == [a.name, b.name] and meta["base_model_relation"] == "merge"
+    assert str(a.parent) not in card  # parents by name, never a local path
     assert yaml.safe_load((out / "chimera_recipe.yaml").read_text())["base"] == "v3"
     assert (sha_dir(a), sha_dir(b)) == before  # parents untouched
 
@@ -143,7 +145,7 @@ def test_r1t_fp8_child_converts_and_loads(ds_pair, tmp_path):
     """FP8 child -> our exact bf16 conversion -> transformers loads it, logits match the parents' mix."""
     a, b, *_ = ds_pair
     merge(recipe(tmp_path, r1t(a, b)), tmp_path / "child")
-    from chimera.checkpoint.convert import convert
+    from chimera.merge.convert import convert
 
     convert(tmp_path / "child", tmp_path / "child-bf16", "bfloat16")
     from transformers import AutoModelForCausalLM

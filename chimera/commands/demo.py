@@ -2,10 +2,13 @@
 
 1. Assembly of Experts: the R1T recipe (tiny-v3 as base, routed experts from tiny-r1) on the bundled
    FP8 copies: plan, merge, and a byte-level check of what came from where.
-2. Behaviour: the harness scores both parents and the child (think rate, accuracy, output tokens,
-   refusals) on held-out prompts.
+2. Reasoning: the harness scores both parents and the child (accuracy, think rate, output tokens) on
+   held-out arithmetic prompts.
 3. Mixture of Tunable Experts: fTRI ranks tiny-r1's refusal experts; switching the top ones off
-   changes the refusal rate (when the MoTE wing is installed).
+   changes the refusal rate. Refusals are reported once, here, on the full sensitive suite: step 2 is
+   about reasoning (accuracy, <think>, length).
+
+Results go to stdout; progress (merge bytes, model loading, generation) to stderr when it is a terminal.
 """
 from __future__ import annotations
 
@@ -13,11 +16,8 @@ import time
 from pathlib import Path
 
 import typer
-import yaml
-from rich.console import Console
-from rich.table import Table
 
-console = Console()
+from chimera.commands import ui
 
 
 def _parents(out: Path) -> tuple[Path, Path, bool]:
@@ -28,7 +28,7 @@ def _parents(out: Path) -> tuple[Path, Path, bool]:
     for a, b in (("tiny-v3-fp8", "tiny-r1-fp8"), ("tiny-v3", "tiny-r1")):
         if a in have and b in have:
             return family.model_path(a), family.model_path(b), True
-    console.print("[yellow]bundled models not built: generating two small DeepSeek-format parents[/]")
+    ui.out().print("[yellow]bundled models not built: generating two small DeepSeek-format parents[/]")
     import torch
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
@@ -42,7 +42,7 @@ def _parents(out: Path) -> tuple[Path, Path, bool]:
     return out / "parent-a", out / "parent-b", False
 
 
-def _provenance(child: Path, a: Path, b: Path) -> Table:
+def _provenance(child: Path, a: Path, b: Path):
     """Per tensor class: how many tensors are byte-identical to which parent."""
     from chimera.checkpoint.arch import classify
     from chimera.checkpoint.files import SCALE_SUFFIX, Checkpoint
@@ -63,95 +63,115 @@ def _provenance(child: Path, a: Path, b: Path) -> Table:
         in_a, in_b = data == raw(ca, name), data == raw(cb, name)
         src = "both" if in_a and in_b else "base" if in_a else "donor" if in_b else "neither"
         counts.setdefault(cls, {"base": 0, "donor": 0, "both": 0, "neither": 0})[src] += 1
-    t = Table(title="what came from where (byte-identical stored tensors, scales included)")
-    for c in ("class", f"= {a.name} only", f"= {b.name} only", "= both (parents equal)", "neither"):
-        t.add_column(c)
+    t = ui.table(f"what came from where: stored tensors byte-identical to base {a.name}, donor {b.name}",
+                 ["class", "base only", "donor only", "both", "neither"],
+                 right=("base only", "donor only", "both", "neither"))
     for cls, c in sorted(counts.items()):
         t.add_row(cls, str(c["base"]), str(c["donor"]), str(c["both"]), str(c["neither"]))
     return t
 
 
 def demo(out: Path = typer.Option(Path("demo-out"), "-o", "--out", help="where the demo writes"),
-         n: int = typer.Option(24, "--n", help="held-out prompts per suite for the evaluation"),
+         n: int = typer.Option(24, "--n", help="held-out arithmetic prompts per model in step 2 (step 3 uses the whole sensitive suite)"),
          skip_eval: bool = typer.Option(False, "--skip-eval")) -> None:
     """Run the demo: an R1T-style merge of the bundled models, its provenance, and its behaviour."""
-    from chimera.merge.execute import run_merge
-    from chimera.merge.plan import build_plan
-    from chimera.merge.recipe import load
-    from chimera.merge.report import plan_report
+    import yaml
 
+    from chimera.merge.execute import run_merge
+    from chimera.merge.recipe import load
+
+    ui.positive(n, "--n")
+    ui.output_dir(out, "-o")
     out.mkdir(parents=True, exist_ok=True)
     a, b, bundled = _parents(out)
+    console = ui.out()
     console.rule("[bold]1. Assembly of Experts: the R1T recipe")
-    recipe = {"parents": {"v3": str(a.resolve()), "r1": str(b.resolve())}, "base": "v3",
+    names = (a.name, b.name) if bundled else (str(a.resolve()), str(b.resolve()))  # bundled names work in recipes
+    recipe = {"parents": {"v3": names[0], "r1": names[1]}, "base": "v3",
               "weights": {"default": {"v3": 1.0}, "routed_experts": {"r1": 1.0}}, "output": {"dtype": "keep"}}
     rp = out / "r1t.yaml"
     rp.write_text(yaml.safe_dump(recipe, sort_keys=False))
     console.print(f"recipe {rp}:\n[dim]{rp.read_text()}[/]")
-    plan = build_plan(load(rp))
+    r = load(rp)
+    from chimera.merge.plan import build_plan
+    from chimera.merge.report import plan_report
+
+    plan = build_plan(r)
     rep = plan_report(plan)
-    t = Table(title=f"plan: {len(plan.items)} tensors, {len(plan.jobs)} shard(s)")
-    for c in ("class", "tensors", "operation", "lambdas"):
-        t.add_column(c)
+    t = ui.table(f"plan: {len(plan.items)} tensors, {len(plan.jobs)} shard(s)",
+                 ["class", "tensors", "operation", "lambdas"], right=("tensors",))
     for row in rep["rows"]:
         t.add_row(row["class"], str(row["tensors"]), row["op"], row["lambdas"])
     console.print(t)
     child = out / "tiny-r1t"
     t0 = time.perf_counter()
-    run_merge(plan, child, force=True)
+    with ui.task("merge", total=sum(j.nbytes for j in plan.jobs), nbytes=True) as advance:
+        run_merge(plan, child, force=True, on_bytes=advance)
     console.print(f"merged into {child} in {time.perf_counter() - t0:.2f}s")
     console.print(_provenance(child, a, b))
     if skip_eval or not bundled:
         return
-    console.rule("[bold]2. Behaviour of the parents and the child (held-out prompts)")
-    from chimera.eval.harness import evaluate, load as load_model
-
-    rows = []
-    for name, path in (("tiny-v3", a), ("tiny-r1", b), ("tiny-r1t (child)", child)):
-        model, tok = load_model(path)
-        t0 = time.perf_counter()
-        r = evaluate(model, tok, ["arithmetic", "sensitive"], n=n)
-        rows.append((name, r, time.perf_counter() - t0))
-    t = Table(title=f"evaluation, {n} prompts per suite (95% CI in brackets)")
-    for c in ("model", "arithmetic accuracy", "think rate", "mean output tokens", "refusal: sensitive topics",
-              "refusal: benign topics"):
-        t.add_column(c)
-
-    def fmt(m: dict | None) -> str:
-        if not m:
-            return "-"
-        return f"{m['value']:.2f} [{m['lo']:.2f}, {m['hi']:.2f}]"
-
-    for name, r, dt in rows:
-        ar, sp = r["arithmetic"]["metrics"], r["sensitive"]["splits"]
-        t.add_row(name, fmt(ar.get("accuracy")), fmt(ar.get("think_rate")), fmt(ar.get("output_tokens_mean")),
-                  fmt(sp.get("sensitive", {}).get("refusal_rate")), fmt(sp.get("benign", {}).get("refusal_rate")))
+    console.rule("[bold]2. Reasoning of the parents and the child (held-out arithmetic)")
+    rows = [(name, _evaluate(name, path, "arithmetic", n)["arithmetic"]["metrics"])
+            for name, path in (("tiny-v3", a), ("tiny-r1", b), ("tiny-r1t (child)", child))]
+    t = ui.table(f"arithmetic, {n} held-out prompts per model (95% CI)",
+                 ["model", "accuracy", "think rate", "mean output tokens"])
+    for name, m in rows:
+        t.add_row(name, _pct(m.get("accuracy")), _pct(m.get("think_rate")), _num(m.get("output_tokens_mean")))
     console.print(t)
-    _mote(b, n)
+    _mote(b)
 
 
-def _mote(r1: Path, n: int) -> None:
-    """Switch tiny-r1's top fTRI refusal experts off (live hooks) and measure refusals again."""
+def _pct(m: dict | None) -> str:
+    return "-" if not m else f"{100 * m['value']:.0f}% [{100 * m['lo']:.0f}, {100 * m['hi']:.0f}]"
+
+
+def _num(m: dict | None) -> str:
+    return "-" if not m else f"{m['value']:.1f} [{m['lo']:.1f}, {m['hi']:.1f}]"
+
+
+def _evaluate(label: str, model, suite: str, n: int | None, off=()) -> dict:
+    """Score one suite with a progress bar; `model` is a path (loaded here) or a loaded (model, tokenizer)."""
+    from chimera.eval.harness import evaluate, load, planned
+    from chimera.moe.switch import switched
+
+    if isinstance(model, (str, Path)):
+        with ui.status(f"loading {label}"):
+            model = load(model)
+    m, tok = model
+    with ui.progress() as bar:
+        t = bar.add_task(f"eval {label}", total=sum(len(v) for v in planned(suite, n).values()))
+        with switched(m, off=list(off), mode="replace"):
+            return evaluate(m, tok, suite, n=n, progress=lambda s, done, total: bar.update(t, completed=done))
+
+
+def _mote(r1: Path) -> None:
+    """tiny-r1's refusals on the whole sensitive suite, then with its top fTRI refusal experts switched off."""
     import json
 
     ranking = Path(__file__).resolve().parents[2] / "docs" / "mote-evidence.json"
     if not ranking.is_file():
         return
+    console = ui.out()
     console.rule("[bold]3. Mixture of Tunable Experts: tiny-r1's refusal experts switched off")
-    from chimera.eval.harness import evaluate, load as load_model
-    from chimera.moe.switch import switched
+    from chimera.eval.harness import load
 
     ev = json.loads(ranking.read_text())
     off = [(L, e) for L, e, _ in ev["ftri_refusal_response_top10"]]
-    model, tok = load_model(r1.parent / "tiny-r1" if (r1.parent / "tiny-r1").is_dir() else r1)
-    t = Table(title=f"fTRI top-10 refusal experts (of {ev['routed_experts']}) off, from {ranking.name}")
-    for c in ("condition", "refusal: sensitive", "refusal: benign", "benign-topic accuracy"):
-        t.add_column(c)
-    for name, experts in (("tiny-r1", []), ("tiny-r1, 10 experts off (replace)", off)):
-        with switched(model, off=experts, mode="replace"):
-            sp = evaluate(model, tok, "sensitive", n=None)["sensitive"]["splits"]
-        t.add_row(name, f"{sp['sensitive']['refusal_rate']['value']:.2f}", f"{sp['benign']['refusal_rate']['value']:.2f}",
-                  f"{sp['benign'].get('accuracy', {}).get('value', float('nan')):.2f}")
+    bf16 = r1.parent / "tiny-r1"
+    path = bf16 if bf16.is_dir() else r1  # the ranking was computed on the bf16 tiny-r1
+    with ui.status(f"loading {path.name}"):
+        loaded = load(path)
+    rows = [(name, _evaluate(name, loaded, "sensitive", None, experts)["sensitive"])
+            for name, experts in ((path.name, []), (f"{path.name}, 10 experts off", off))]
+    sp = rows[0][1]["splits"]
+    t = ui.table(f"refusal on the sensitive suite ({sp['sensitive']['refusal_rate']['n']} sensitive, "
+                 f"{sp['benign']['refusal_rate']['n']} benign prompts; 95% CI); fTRI top 10 of "
+                 f"{ev['routed_experts']} experts from {ranking.name}",
+                 ["model", "refusal: sensitive", "refusal: benign", "benign accuracy"])
+    for name, r in rows:
+        s_, b_ = r["splits"]["sensitive"], r["splits"]["benign"]
+        t.add_row(name, _pct(s_.get("refusal_rate")), _pct(b_.get("refusal_rate")), _pct(b_.get("accuracy")))
     console.print(t)
     console.print(f"experts switched off (layer:expert): {', '.join(f'{L}:{e}' for L, e in off)}; "
                   "full evidence with random controls: docs/mote-evidence.md")

@@ -1,4 +1,4 @@
-"""`chimera eval`, `chimera generate`, `chimera train-zoo`: parse, call the library, print."""
+"""`chimera eval`, `chimera generate`, `chimera train-zoo`: check the arguments, call the library, print."""
 from __future__ import annotations
 
 import contextlib
@@ -9,6 +9,7 @@ from typing import Optional
 
 import typer
 
+from chimera.commands import ui
 from chimera.errors import ChimeraError
 
 METRIC_ORDER = ("accuracy", "think_rate", "refusal_rate", "reasoning_language", "output_tokens_mean",
@@ -16,27 +17,30 @@ METRIC_ORDER = ("accuracy", "think_rate", "refusal_rate", "reasoning_language", 
 
 
 def _model(model: str, endpoint: Optional[str], api_key: Optional[str]):
-    from chimera.eval import harness
     from chimera.eval.endpoint import Endpoint
 
     if endpoint:
         return Endpoint(endpoint, model=model or None, api_key=api_key), None
-    return harness.load(model)
+    from chimera.eval import harness
+
+    with ui.status(f"loading {model}"):
+        return harness.load(model)
 
 
-def _switch(model, off: Optional[str], on: Optional[str], mode: str):
+def _switch(model, off: list, on: list, mode: str):
     """The MoTE switch context when --off/--on is given (imported only then)."""
     if not off and not on:
         return contextlib.nullcontext()
-    if mode not in ("replace", "drop"):
-        raise ChimeraError(f"--mode must be replace or drop, got {mode!r}")
-    from chimera.eval.endpoint import Endpoint
+    from chimera.moe.switch import switched
 
-    if isinstance(model, Endpoint):
+    return switched(model, off=off, on=on, mode=mode)
+
+
+def _check_switch(off: Optional[str], on: Optional[str], mode: str, endpoint: Optional[str],
+                  model: str) -> tuple[list, list]:
+    if (off or on) and endpoint:
         raise ChimeraError("--off/--on switch experts of a local model; they cannot apply to --endpoint")
-    from chimera.moe.switch import parse_experts, switched
-
-    return switched(model, off=parse_experts(off) if off else [], on=parse_experts(on) if on else [], mode=mode)
+    return ui.experts(off, on, mode, None if endpoint else model)
 
 
 def _fmt(name: str, m: dict) -> tuple[str, str]:
@@ -49,12 +53,8 @@ def _fmt(name: str, m: dict) -> tuple[str, str]:
 
 
 def print_report(report: dict, title: str) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=title)
-    for col in ("suite", "split", "metric", "value", "95% CI", "n"):
-        table.add_column(col, justify="right" if col in ("value", "n") else "left")
+    """One table: a suite's whole-sample row ('all') and one row group per split; then how many were sampled."""
+    table = ui.table(title, ["suite", "split", "metric", "value", "95% CI", "n"], right=("value", "n"))
     for suite, entry in report.items():
         groups = [("all", entry["metrics"])] + list(entry["splits"].items())
         for split, metrics in groups:
@@ -63,15 +63,21 @@ def print_report(report: dict, title: str) -> None:
                     value, ci = _fmt(name, metrics[name])
                     table.add_row(suite, split, name, value, ci, str(metrics[name]["n"]))
         table.add_section()
-    Console().print(table)
+    ui.out().print(table)
+    for suite, entry in report.items():
+        if entry.get("of") and entry["n"] < entry["of"]:
+            per = ", ".join(f"{s} {v['n']} of {v['of']}" for s, v in entry.get("sample", {}).items())
+            ui.out().print(f"{suite}: sampled {entry['n']} of {entry['of']} items" + (f" ({per})" if per else ""))
+        if "refusal_rate" not in entry["metrics"] and any("refusal_rate" in m for m in entry["splits"].values()):
+            ui.out().print(f"{suite}: refusal rate per split only (sensitive vs benign prompts)")
 
 
 def register(app: typer.Typer) -> None:
     @app.command("eval")
     def eval_cmd(
-        model: str = typer.Argument(..., help="model directory, zoo name (tiny-r1), or served model name with --endpoint"),
+        model: str = typer.Argument(..., help="model directory, bundled name (tiny-r1), or served model name with --endpoint"),
         suite: str = typer.Option("all", "--suite", "-s", help="arithmetic, sensitive, language, all, or a .jsonl file (comma-separated)"),
-        n: Optional[int] = typer.Option(None, "--n", help="items per suite (spread over the file)"),
+        n: Optional[int] = typer.Option(None, "--n", help="items per suite, each split in proportion (at least 5 per split)"),
         json_out: Optional[Path] = typer.Option(None, "--json", help="write the full report here"),
         endpoint: Optional[str] = typer.Option(None, "--endpoint", help="OpenAI-compatible URL (/v1/completions or /v1/chat/completions)"),
         api_key: Optional[str] = typer.Option(None, "--api-key", envvar="CHIMERA_API_KEY"),
@@ -84,22 +90,28 @@ def register(app: typer.Typer) -> None:
         mode: str = typer.Option("replace", "--mode", help="replace | drop"),
     ):
         """Score a model on evaluation suites (accuracy, <think> rate, length, refusal, reasoning language)."""
-        from chimera.eval import harness, suites
+        from chimera.eval import harness
 
-        for name in suites.resolve(suite):  # bad suites fail before the model loads
-            suites.load(name)
+        ui.positive(n, "--n")
+        ui.positive(max_new_tokens, "--max-new-tokens")
+        ui.positive(batch_size, "--batch-size")
+        items = harness.planned(suite, n)  # bad suites fail before the model loads
+        ui.output_file(json_out, "--json")
+        off_l, on_l = _check_switch(off, on, mode, endpoint, model)
         m, tok = _model(model, endpoint, api_key)
-        with _switch(m, off, on, mode):
+        with _switch(m, off_l, on_l, mode), ui.progress() as bar:
+            tasks = {name: bar.add_task(f"eval {Path(name).stem}", total=len(it)) for name, it in items.items()}
             report = harness.evaluate(m, tok, suite, n, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                      temperature=temperature, seed=seed)
+                                      temperature=temperature, seed=seed,
+                                      progress=lambda s, done, total: bar.update(tasks[s], completed=done))
         print_report(report, f"chimera eval {model}")
         if json_out:
-            json_out.write_text(json.dumps({"model": model, "endpoint": endpoint, "off": off, "on": on,
-                                            "mode": mode, "suites": report}, indent=2, ensure_ascii=False) + "\n")
+            ui.write_text(json_out, json.dumps({"model": model, "endpoint": endpoint, "off": off, "on": on,
+                                                "mode": mode, "suites": report}, indent=2, ensure_ascii=False) + "\n")
 
     @app.command("generate")
     def generate_cmd(
-        model: str = typer.Argument(..., help="model directory, zoo name, or served model name with --endpoint"),
+        model: str = typer.Argument(..., help="model directory, bundled name, or served model name with --endpoint"),
         prompt: list[str] = typer.Argument(..., help="one or more prompts"),
         endpoint: Optional[str] = typer.Option(None, "--endpoint"),
         api_key: Optional[str] = typer.Option(None, "--api-key", envvar="CHIMERA_API_KEY"),
@@ -107,17 +119,19 @@ def register(app: typer.Typer) -> None:
         temperature: float = typer.Option(0.0, "--temperature"),
         seed: int = typer.Option(0, "--seed"),
         raw: bool = typer.Option(False, "--raw", help="no chat template"),
-        off: Optional[str] = typer.Option(None, "--off"),
-        on: Optional[str] = typer.Option(None, "--on"),
-        mode: str = typer.Option("replace", "--mode"),
+        off: Optional[str] = typer.Option(None, "--off", help="experts to switch off, e.g. 1:7,2:3 or @ftri.json:10"),
+        on: Optional[str] = typer.Option(None, "--on", help="experts to force on"),
+        mode: str = typer.Option("replace", "--mode", help="replace | drop"),
     ):
         """Generate a response for each prompt."""
         from chimera.eval import harness
 
+        ui.positive(max_new_tokens, "--max-new-tokens")
+        off_l, on_l = _check_switch(off, on, mode, endpoint, model)
         m, tok = _model(model, endpoint, api_key)
-        with _switch(m, off, on, mode):
+        with _switch(m, off_l, on_l, mode), ui.task("generate", total=len(prompt)) as advance:
             texts = harness.generate(m, tok, list(prompt), max_new_tokens, temperature=temperature, seed=seed,
-                                     chat=not raw)
+                                     chat=not raw, on_batch=advance)
         for t in texts:
             typer.echo(t)
 

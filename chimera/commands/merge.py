@@ -1,4 +1,4 @@
-"""`chimera plan | merge | diff | convert`: thin commands over chimera.merge and chimera.checkpoint."""
+"""`chimera plan | merge | diff | convert`: thin commands over chimera.merge."""
 from __future__ import annotations
 
 import time
@@ -6,17 +6,10 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
-from rich.table import Table
 
-console = Console(stderr=True)
+from chimera.commands import ui
 
-
-def _bar() -> Progress:
-    return Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
-                    TransferSpeedColumn(), TimeRemainingColumn(), console=console, transient=True,
-                    disable=not console.is_terminal)
+METRICS = ("relative", "symmetric", "rms")
 
 
 def _gb(n: int) -> str:
@@ -29,19 +22,24 @@ def plan(recipe: Path = typer.Argument(..., help="recipe YAML (chimera schema or
          top: int = typer.Option(10, "--top", help="largest distances to print"),
          json_out: Optional[Path] = typer.Option(None, "--json", help="write the full per-tensor plan as JSON")) -> None:
     """Show what the merge will do (operations, bytes copied and computed, free space, distances); writes no checkpoint."""
+    from chimera.merge.recipe import load
+
+    ui.output_file(json_out, "--json")
+    ui.positive(top, "--top")
+    r = load(recipe)
     from chimera.merge.output import free_bytes
     from chimera.merge.plan import build_plan
-    from chimera.merge.recipe import load
     from chimera.merge.report import plan_report
 
-    p = build_plan(load(recipe))
-    rep = plan_report(p, with_distances=distances or p.recipe.threshold is not None)
-    out = Console()
-    t = Table(title=f"plan {p.plan_id}: {p.arch}, {len(p.recipe.parents)} parents, base {p.recipe.base}")
-    for c in ("class", "tensors", "operation", "lambdas", "bytes"):
-        t.add_column(c)
+    p = build_plan(r)
+    with_d = distances or p.recipe.threshold is not None
+    with ui.status("reading the parents for distances") if with_d else ui.progress():
+        rep = plan_report(p, with_distances=with_d)
+    t = ui.table(f"plan {p.plan_id}: {p.arch}, {len(p.recipe.parents)} parents, base {p.recipe.base}",
+                 ["class", "tensors", "operation", "lambdas", "bytes"], right=("tensors", "bytes"))
     for row in rep["rows"]:
         t.add_row(row["class"], str(row["tensors"]), row["op"], row["lambdas"], _gb(row["bytes"]))
+    out = ui.out()
     out.print(t)
     s = rep["summary"]
     free = free_bytes(out_dir or Path.cwd())
@@ -61,9 +59,8 @@ def plan(recipe: Path = typer.Argument(..., help="recipe YAML (chimera schema or
                   f"{th['from_base']} from the base")
     if rep.get("distances"):
         d = rep["distances"]
-        t = Table(title=f"{rep['metric']} distance to the base, per class")
-        for c in ("class", "tensors", "mean", "max"):
-            t.add_column(c)
+        t = ui.table(f"{rep['metric']} distance to the base, per class", ["class", "tensors", "mean", "max"],
+                     right=("tensors", "mean", "max"))
         by: dict[str, list[float]] = {}
         for it in p.items:
             if it.name in d:
@@ -71,16 +68,14 @@ def plan(recipe: Path = typer.Argument(..., help="recipe YAML (chimera schema or
         for c, ds in sorted(by.items()):
             t.add_row(c, str(len(ds)), f"{sum(ds) / len(ds):.4g}", f"{max(ds):.4g}")
         out.print(t)
-        t = Table(title=f"largest {min(top, len(d))}")
-        t.add_column("tensor", overflow="fold")
-        t.add_column("distance")
+        t = ui.table(f"largest {min(top, len(d))}", ["tensor", "distance"], right=("distance",))
         for name, v in sorted(d.items(), key=lambda kv: -kv[1])[:top]:
             t.add_row(name, f"{v:.4g}")
         out.print(t)
     if json_out:
         import json
 
-        json_out.write_text(json.dumps(rep, indent=2, default=str))
+        ui.write_text(json_out, json.dumps(rep, indent=2, default=str))
 
 
 def merge(recipe: Path = typer.Argument(..., help="recipe YAML"),
@@ -95,69 +90,84 @@ def merge(recipe: Path = typer.Argument(..., help="recipe YAML"),
           address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address ('auto': the running cluster; default RAY_ADDRESS, else a new local one)"),
           device: str = typer.Option("auto", "--device", help="where mixes run: auto | cpu | cuda[:N] (auto: a CUDA device when there is one)")) -> None:
     """Build the child checkpoint described by RECIPE."""
-    from chimera.merge.execute import run_merge
-    from chimera.merge.plan import build_plan
     from chimera.merge.recipe import load
 
-    p = build_plan(load(recipe))
+    ui.one_of(compile, ("auto", "on", "off"), "--compile")
+    ui.one_of(executor, ("local", "ray"), "--executor")
+    ui.positive(workers, "--workers")
+    ui.output_dir(out, "-o")
+    r = load(recipe)
+    from chimera.merge.execute import run_merge
+    from chimera.merge.plan import build_plan
+
+    p = build_plan(r)
     t0 = time.perf_counter()
-    with _bar() as bar:
-        task = bar.add_task("merge", total=sum(j.nbytes for j in p.jobs))
-        res = run_merge(p, out, resume=resume, force=force, workers=workers,
-                        on_bytes=lambda n: bar.advance(task, n), compile=compile, distances=distances,
-                        executor=executor, address=address, device=device)
+    with ui.task("merge", total=sum(j.nbytes for j in p.jobs), nbytes=True) as advance:
+        res = run_merge(p, out, resume=resume, force=force, workers=workers, on_bytes=advance, compile=compile,
+                        distances=distances, executor=executor, address=address, device=device)
     dt = time.perf_counter() - t0
-    Console().print(f"wrote {res.out} ({res.written} of {res.shards} shard(s) this run) in {dt:.1f}s; "
-                    f"operations: {res.ops}")
+    ui.out().print(f"wrote {res.out} ({res.written} of {res.shards} shard(s) this run) in {dt:.1f}s; "
+                   f"operations: {res.ops}")
 
 
-def diff(a: Path = typer.Argument(..., help="parent A (the one measured)"),
-         b: Path = typer.Argument(..., help="parent B (the reference, e.g. the base)"),
+def diff(a: str = typer.Argument(..., help="parent A (the one measured): directory or bundled name"),
+         b: str = typer.Argument(..., help="parent B (the reference, e.g. the base): directory or bundled name"),
          metric: str = typer.Option("relative", "--metric", help="relative | symmetric | rms"),
          csv: Optional[Path] = typer.Option(None, "--csv", help="write every tensor's distance"),
          plot: Optional[Path] = typer.Option(None, "--plot", help="PNG: distance per layer and class"),
          top: int = typer.Option(15, "--top", help="rows to print")) -> None:
     """Per-tensor normalized distance between two checkpoints of one architecture."""
+    from chimera.resolve import resolve_model
+
+    ui.one_of(metric, METRICS, "--metric")
+    ui.positive(top, "--top")
+    ui.output_file(csv, "--csv")
+    ui.output_file(plot, "--plot")
+    pa, pb = resolve_model(a), resolve_model(b)
     from chimera.merge.report import diff_checkpoints, plot_diff, write_csv
 
-    rows = diff_checkpoints(a, b, metric)
-    out = Console()
-    t = Table(title=f"{metric} distance of {a} to {b}: per class")
-    for c in ("class", "tensors", "mean", "max"):
-        t.add_column(c)
+    with ui.progress() as bar:
+        task = bar.add_task("diff", total=None)
+        rows = diff_checkpoints(pa, pb, metric, progress=lambda done, total: bar.update(task, completed=done,
+                                                                                          total=total))
+    out = ui.out()
+    t = ui.table(f"{metric} distance of {a} to {b}, per class", ["class", "tensors", "mean", "max"],
+                 right=("tensors", "mean", "max"))
     by: dict[str, list[float]] = {}
     for r in rows:
-        by.setdefault(r["class"], []).append(r["distance"])
+        by.setdefault(str(r["class"]), []).append(r["distance"])
     for c, ds in sorted(by.items()):
         t.add_row(c, str(len(ds)), f"{sum(ds) / len(ds):.4g}", f"{max(ds):.4g}")
     out.print(t)
-    t2 = Table(title=f"largest {top}")
-    t2.add_column("tensor")
-    t2.add_column("distance")
+    t2 = ui.table(f"largest {top}", ["tensor", "distance"], right=("distance",))
     for r in sorted(rows, key=lambda r: -r["distance"])[:top]:
         t2.add_row(r["tensor"], f"{r['distance']:.4g}")
     out.print(t2)
     if csv:
+        csv.parent.mkdir(parents=True, exist_ok=True)
         write_csv(rows, csv)
     if plot:
-        plot_diff(rows, plot, f"{metric} distance {Path(a).name} vs {Path(b).name}")
+        plot.parent.mkdir(parents=True, exist_ok=True)
+        plot_diff(rows, plot, f"{metric} distance {pa.name} vs {pb.name}")
 
 
-def convert(model: Path = typer.Argument(..., help="checkpoint directory"),
+def convert(model: str = typer.Argument(..., help="checkpoint directory or bundled name"),
             out: Path = typer.Option(..., "-o", "--out"),
             dtype: str = typer.Option("bfloat16", "--dtype", help="bfloat16 | float32 | float8 (DeepSeek 128x128 blocks)"),
             force: bool = typer.Option(False, "--force"),
             shard_size: str = typer.Option("5GB", "--shard-size")) -> None:
-    """Convert FP8 <-> BF16/FP32 with DeepSeek's exact block semantics."""
-    from chimera.checkpoint.convert import convert as run
+    """Convert FP8 <-> BF16/FP32 with DeepSeek's exact block semantics; a merged child keeps its record."""
     from chimera.merge.recipe import parse_size
 
+    ui.one_of(dtype, ("bfloat16", "float32", "float8"), "--dtype")
+    size = parse_size(shard_size, "--shard-size")
+    ui.output_dir(out, "-o")
+    from chimera.merge.convert import convert as run
+
     t0 = time.perf_counter()
-    with _bar() as bar:
-        task = bar.add_task("convert", total=None)
-        res = run(model, out, dtype, force=force, shard_size=parse_size(shard_size, "--shard-size"),
-                  on_bytes=lambda n: bar.advance(task, n))
-    Console().print(f"wrote {res.out} ({dtype}, {res.shards} shard(s)) in {time.perf_counter() - t0:.1f}s")
+    with ui.task("convert", total=None, nbytes=True) as advance:
+        res = run(model, out, dtype, force=force, shard_size=size, on_bytes=advance)
+    ui.out().print(f"wrote {res.out} ({dtype}, {res.shards} shard(s)) in {time.perf_counter() - t0:.1f}s")
 
 
 def register(app: typer.Typer) -> None:

@@ -1,4 +1,8 @@
-"""`chimera route`, `chimera ftri`, `chimera tune`: thin commands over chimera.moe."""
+"""`chimera route`, `chimera ftri`, `chimera tune`: thin commands over chimera.moe.
+
+Every argument that needs no model (expert lists, @ftri.json files, modes, prompt files, scorers, output
+paths) is checked before the model loads.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,48 +10,18 @@ from typing import Optional
 
 import typer
 
+from chimera.commands import ui
 from chimera.errors import ChimeraError
 
-
-def _console():
-    from rich.console import Console
-
-    return Console()
-
-
-def resolve_model_path(model: str) -> Path:
-    """A checkpoint directory, or a bundled model name (chimera.zoo)."""
-    p = Path(model)
-    if p.is_dir():
-        return p
-    try:
-        from chimera.zoo.family import model_path  # type: ignore
-
-        q = Path(model_path(model))
-        if q.is_dir():
-            return q
-    except (ImportError, KeyError, ValueError, ChimeraError):
-        pass
-    raise ChimeraError(f"{model}: no such checkpoint directory or bundled model")
+FEW = 10  # fTRI warns when a class has fewer prompts than this: its mean routing is mostly noise
 
 
 def load_model(model: str):
-    """(model, tokenizer) via the eval harness when present, else transformers directly (CPU, eval mode)."""
-    path = resolve_model_path(model)
-    try:
-        from chimera.eval.harness import load  # type: ignore
-    except ImportError:
-        load = None
-    if load is not None:
-        return load(path)
-    import transformers as tf
+    """(model, tokenizer) through the eval harness, with a spinner while it loads."""
+    from chimera.eval.harness import load
 
-    try:
-        m = tf.AutoModelForCausalLM.from_pretrained(path).eval()
-        tok = tf.AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise ChimeraError(f"{path}: can't load model ({str(e).splitlines()[0]})") from None
-    return m, tok
+    with ui.status(f"loading {model}"):
+        return load(model)
 
 
 def _route(model: str = typer.Argument(..., help="checkpoint directory or bundled model name"),
@@ -61,35 +35,38 @@ def _route(model: str = typer.Argument(..., help="checkpoint directory or bundle
            on: str = typer.Option("", "--on", help="route with these experts forced on"),
            mode: str = typer.Option("replace", "--mode", help="replace|drop")) -> None:
     """Record per (layer, expert) routing statistics (selection counts, summed weights) for every prompt."""
+    from chimera.moe.ftri import load_prompts
+
+    ui.positive(batch_size, "--batch-size")
+    ui.positive(max_new_tokens, "--max-new-tokens")
+    texts = load_prompts(prompts)
+    ui.output_file(out, "--out")
+    off_l, on_l = ui.experts(off, on, mode, model)
+    m, tok = load_model(model)
     from chimera.moe.capture import route_texts
-    from chimera.moe.ftri import generate_responses, load_prompts
+    from chimera.moe.ftri import generate_responses
     from chimera.moe.switch import switched
 
-    texts = load_prompts(prompts)
-    m, tok = load_model(model)
-    with switched(m, off=off, on=on, mode=mode) if (off or on) else _null():
-        resp = generate_responses(m, tok, texts, max_new_tokens, batch_size) if responses else None
-        routes = route_texts(m, tok, texts, resp, batch_size=batch_size)
+    with switched(m, off=off_l, on=on_l, mode=mode), ui.progress() as bar:
+        resp = None
+        if responses:
+            t = bar.add_task("generate", total=len(texts))
+            resp = generate_responses(m, tok, texts, max_new_tokens, batch_size, on_batch=lambda k: bar.advance(t, k))
+        t = bar.add_task("route", total=len(texts))
+        routes = route_texts(m, tok, texts, resp, batch_size=batch_size, on_batch=lambda k: bar.advance(t, k))
+    out.parent.mkdir(parents=True, exist_ok=True)
     routes.save(out)
-    c = _console()
-    c.print(f"routed {routes.n_prompts} prompts over {len(routes.layers)} MoE layers x {routes.num_experts} experts "
-            f"({int(routes.tokens['prompt'].sum())} prompt tokens"
-            + (f", {int(routes.tokens['response'].sum())} response tokens" if "response" in routes.tokens else "")
-            + f") -> {out}")
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
+    ui.out().print(f"routed {routes.n_prompts} prompts over {len(routes.layers)} MoE layers x {routes.num_experts} "
+                   f"experts ({int(routes.tokens['prompt'].sum())} prompt tokens"
+                   + (f", {int(routes.tokens['response'].sum())} response tokens" if "response" in routes.tokens else "")
+                   + f") -> {out}")
 
 
 def _ftri(model: str = typer.Argument(..., help="checkpoint directory or bundled model name"),
           target: Optional[Path] = typer.Option(None, "--target", help="JSONL prompts of the target behaviour "
                                                                       "(with --label-by-response: the one prompt set)"),
-          contrast: Optional[Path] = typer.Option(None, "--contrast", help="JSONL contrast prompts"),
+          contrast: Optional[Path] = typer.Option(None, "--contrast", help="JSONL contrast prompts (not with "
+                                                                          "--label-by-response)"),
           label_by_response: Optional[str] = typer.Option(None, "--label-by-response",
                                                           help="generate responses to --target and label them with "
                                                                "this scorer (chimera.eval.scorers)"),
@@ -107,36 +84,63 @@ def _ftri(model: str = typer.Argument(..., help="checkpoint directory or bundled
           batch_size: int = typer.Option(8, "--batch-size")) -> None:
     """fTRI: rank routed experts by mean(target) - mean(contrast) routing over the whole model."""
     from chimera.moe import ftri as F
-    from chimera.moe.capture import route_texts
 
-    if top < 1:
-        raise ChimeraError("--top must be at least 1")
+    ui.positive(top, "--top")
+    ui.positive(batch_size, "--batch-size")
+    ui.positive(max_new_tokens, "--max-new-tokens")
     if target is None:
         raise ChimeraError("--target is required")
+    if label_by_response is not None and contrast is not None:
+        raise ChimeraError("--contrast is not used with --label-by-response (the scorer splits the --target "
+                           "prompts by their responses): give one of them")
     if label_by_response is None and contrast is None:
         raise ChimeraError("give --contrast prompts, or --label-by-response SCORER to split --target by its responses")
-    kind = tokens or ("response" if label_by_response else "prompt")
-    if kind not in ("prompt", "response"):
-        raise ChimeraError(f"--tokens must be prompt or response, not {kind!r}")
+    if target_label is not None and label_by_response is None:
+        raise ChimeraError("--target-label names a scorer's label: it needs --label-by-response")
+    kind = ui.one_of(tokens or ("response" if label_by_response else "prompt"), ("prompt", "response"), "--tokens")
+    ui.one_of(stat, ("count", "weight"), "--stat")
     t_prompts = F.load_prompts(target)
-    c_prompts = F.load_prompts(contrast) if contrast is not None and label_by_response is None else None
+    c_prompts = F.load_prompts(contrast) if contrast is not None else None
     scorer = F.resolve_scorer(label_by_response) if label_by_response else None
+    for path, flag in ((out, "--out"), (csv, "--csv"), (plot, "--plot")):
+        ui.output_file(path, flag)
+    if c_prompts is not None:
+        for name, ps in (("target", t_prompts), ("contrast", c_prompts)):
+            if len(ps) < FEW:
+                ui.warn(f"fTRI: only {len(ps)} {name} prompt(s); with fewer than {FEW} per class the ranking is "
+                        "mostly noise")
     m, tok = load_model(model)
+    from chimera.moe.capture import route_texts
+
     meta = {"model": str(model)}
-    if scorer is not None:
-        resp = F.generate_responses(m, tok, t_prompts, max_new_tokens, batch_size)
-        labels = F.label_responses(scorer, t_prompts, resp)
-        goal = _target_label(labels, target_label)
-        routes = route_texts(m, tok, t_prompts, resp, batch_size=batch_size)
-        result = F.ftri_labelled(routes, labels, goal, stat=stat, tokens=kind,
-                                 meta={**meta, "scorer": label_by_response})
-    else:
-        need = kind == "response"
-        rt = route_texts(m, tok, t_prompts, F.generate_responses(m, tok, t_prompts, max_new_tokens, batch_size)
-                         if need else None, batch_size=batch_size)
-        rc = route_texts(m, tok, c_prompts, F.generate_responses(m, tok, c_prompts, max_new_tokens, batch_size)
-                         if need else None, batch_size=batch_size)
-        result = F.ftri_routes(rt, rc, stat=stat, tokens=kind, meta=meta)
+
+    def run(prompts, label, need_responses, bar):
+        resp = None
+        if need_responses:
+            t = bar.add_task(f"generate {label}", total=len(prompts))
+            resp = F.generate_responses(m, tok, prompts, max_new_tokens, batch_size,
+                                        on_batch=lambda k: bar.advance(t, k))
+        t = bar.add_task(f"route {label}", total=len(prompts))
+        return resp, route_texts(m, tok, prompts, resp, batch_size=batch_size, on_batch=lambda k: bar.advance(t, k))
+
+    with ui.progress() as bar:
+        if scorer is not None:
+            resp, routes = run(t_prompts, "target", True, bar)
+            labels = F.label_responses(scorer, t_prompts, resp)
+            goal = _target_label(labels, target_label)
+            n_goal = sum(1 for lab in labels if lab == goal)
+            for name, k in (("target", n_goal), ("contrast", len(labels) - n_goal)):
+                if 0 < k < FEW:
+                    ui.warn(f"fTRI: only {k} response(s) in the {name} class (labels: "
+                            f"{ {str(x): labels.count(x) for x in dict.fromkeys(labels)} }); with fewer than {FEW} "
+                            "the ranking is mostly noise")
+            result = F.ftri_labelled(routes, labels, goal, stat=stat, tokens=kind,
+                                     meta={**meta, "scorer": label_by_response})
+        else:
+            need = kind == "response"
+            rt = run(t_prompts, "target", need, bar)[1]
+            rc = run(c_prompts, "contrast", need, bar)[1]
+            result = F.ftri_routes(rt, rc, stat=stat, tokens=kind, meta=meta)
     result.write_json(out, top=top)
     if csv is not None:
         result.write_csv(csv)
@@ -159,19 +163,16 @@ def _target_label(labels, wanted):
 
 
 def _print_top(result, top, out):
-    from rich.table import Table
-
-    t = Table(title=f"fTRI top {top} ({result.tokens} tokens, {result.stat}; "
-                    f"{result.n_target} target vs {result.n_contrast} contrast)")
-    for col in ("rank", "layer:expert", "diff", "target", "contrast"):
-        t.add_column(col, justify="right")
+    t = ui.table(f"fTRI top {top} ({result.tokens} tokens, {result.stat}; "
+                 f"{result.n_target} target vs {result.n_contrast} contrast)",
+                 ["rank", "layer:expert", "diff", "target", "contrast"],
+                 right=("rank", "layer:expert", "diff", "target", "contrast"))
     row = {L: j for j, L in enumerate(result.layers)}
     for i, (L, e, d) in enumerate(result.ranking()[:top]):
         t.add_row(str(i + 1), f"{L}:{e}", f"{d:+.4f}", f"{result.target_mean[row[L], e]:.4f}",
                   f"{result.contrast_mean[row[L], e]:.4f}")
-    c = _console()
-    c.print(t)
-    c.print(f"-> {out}")
+    ui.out().print(t)
+    ui.out().print(f"-> {out}")
 
 
 def _tune(model: str = typer.Argument(..., help="DeepSeek-V3-architecture checkpoint directory or bundled model"),
@@ -180,10 +181,13 @@ def _tune(model: str = typer.Argument(..., help="DeepSeek-V3-architecture checkp
           output: Path = typer.Option(..., "-o", "--output", help="output checkpoint directory (must not exist)")) -> None:
     """Persist a replace-off switch: a normal checkpoint with those experts' router bias set to -1e4."""
     from chimera.moe.switch import tune_checkpoint
+    from chimera.resolve import resolve_model
 
-    rec = tune_checkpoint(resolve_model_path(model), output, off=off, on=on)
-    _console().print(f"switched off {rec['n_off']} experts" + (f", forced on {rec['n_on']}" if rec["n_on"] else "")
-                     + f" via e_score_correction_bias in {len(rec['tensors'])} router(s) -> {output}")
+    off_l, on_l = ui.experts(off, on, "replace")
+    ui.output_dir(output, "-o")
+    rec = tune_checkpoint(resolve_model(model), output, off=off_l, on=on_l)
+    ui.out().print(f"switched off {rec['n_off']} experts" + (f", forced on {rec['n_on']}" if rec["n_on"] else "")
+                   + f" via e_score_correction_bias in {len(rec['tensors'])} router(s) -> {output}")
 
 
 def register(app: typer.Typer) -> None:

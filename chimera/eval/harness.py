@@ -13,43 +13,35 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from chimera.errors import ChimeraError
 from chimera.eval import scorers, stats, suites
 from chimera.eval.endpoint import Endpoint
+from chimera.resolve import resolve_model
 
 DEFAULT_MAX_NEW_TOKENS = 256
 
 
-def resolve_model(name_or_path: str | Path) -> Path:
-    p = Path(name_or_path)
-    if not p.exists() and "/" not in str(name_or_path):
-        from chimera.zoo import family
-
-        if str(name_or_path) in family.BF16_MODELS + family.FP8_MODELS:
-            return family.model_path(str(name_or_path))
-    if not p.is_dir():
-        raise ChimeraError(f"{p}: model directory not found")
-    if not (p / "config.json").is_file():
-        raise ChimeraError(f"{p}: not a model directory (no config.json)")
-    return p
-
-
 def load(model_path: str | Path, dtype: str = "float32"):
-    """(model, tokenizer) from a directory or zoo name, offline. FP8 (DeepSeek block) checkpoints are
-    dequantized exactly by chimera first, since transformers can't run them on CPU."""
+    """(model, tokenizer) from a directory or bundled name (`chimera.resolve`), offline. FP8 (DeepSeek block)
+    checkpoints are dequantized exactly by chimera first, since transformers can't run them on CPU."""
+    path = resolve_model(model_path)  # a wrong name fails before torch and transformers load
     import torch
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    from chimera.checkpoint.files import Checkpoint
+
     hf_logging.disable_progress_bar()
-    path = resolve_model(model_path)
+    Checkpoint(path).tensors  # every shard header read and checked: a broken file is a one-line error naming it
     cfg = json.loads((path / "config.json").read_text())
     tmp = None
     try:
         if cfg.get("quantization_config", {}).get("quant_method") == "fp8":
-            from chimera.checkpoint.convert import convert
+            from chimera.merge.convert import convert
 
             tmp = Path(tempfile.mkdtemp(prefix="chimera-eval-"))
             convert(path, tmp / "bf16", dtype="bfloat16")
@@ -59,7 +51,7 @@ def load(model_path: str | Path, dtype: str = "float32"):
         try:
             tok = AutoTokenizer.from_pretrained(str(path))
             model = AutoModelForCausalLM.from_pretrained(str(path_w), dtype=getattr(torch, dtype))
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, SafetensorError) as e:
             raise ChimeraError(f"{path}: cannot load ({str(e).splitlines()[0][:160]})") from None
     finally:
         if tmp is not None:
@@ -77,10 +69,15 @@ def format_prompt(tok, prompt: str) -> str:
 
 def generate_counted(model, tok, prompts: list[str], max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
                      batch_size: int = 32, temperature: float = 0.0, seed: int = 0,
-                     chat: bool = True) -> tuple[list[str], list[int | None]]:
-    """(texts, generated token counts): batched, left-padded, stopped at end of sequence."""
+                     chat: bool = True, on_batch: Callable[[int], None] | None = None
+                     ) -> tuple[list[str], list[int | None]]:
+    """(texts, generated token counts): batched, left-padded, stopped at end of sequence. `on_batch(k)`
+    is called after each batch of k prompts (progress)."""
     if isinstance(model, Endpoint):
-        return model.generate(prompts, max_new_tokens, temperature, seed if temperature > 0 else None)
+        out = model.generate(prompts, max_new_tokens, temperature, seed if temperature > 0 else None)
+        if on_batch:
+            on_batch(len(prompts))
+        return out
     import torch
 
     if tok.pad_token_id is None:
@@ -112,13 +109,16 @@ def generate_counted(model, tok, prompts: list[str], max_new_tokens: int = DEFAU
                 ids.pop()
             out_n[i] = len(ids)
             out_text[i] = tok.decode(ids, skip_special_tokens=True).strip()
+        if on_batch:
+            on_batch(len(idx))
     return out_text, out_n
 
 
 def generate(model, tok, prompts: list[str], max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, batch_size: int = 32,
-             temperature: float = 0.0, seed: int = 0, chat: bool = True) -> list[str]:
+             temperature: float = 0.0, seed: int = 0, chat: bool = True,
+             on_batch: Callable[[int], None] | None = None) -> list[str]:
     """Batched generation; returns one decoded response per prompt."""
-    return generate_counted(model, tok, prompts, max_new_tokens, batch_size, temperature, seed, chat)[0]
+    return generate_counted(model, tok, prompts, max_new_tokens, batch_size, temperature, seed, chat, on_batch)[0]
 
 
 def score(items: list[dict], texts: list[str], counts: list[int | None], seed: int = 0) -> dict:
@@ -137,21 +137,46 @@ def score(items: list[dict], texts: list[str], counts: list[int | None], seed: i
     return {k: v for k, v in m.items() if v["n"]}
 
 
+def planned(suite: str | list[str], n: int | None) -> dict[str, list[dict]]:
+    """{suite name: the items `evaluate` will score} (loads and samples every suite: call it first to
+    fail fast on a bad suite or --n)."""
+    return {name: suites.sample(suites.load(name), n) for name in suites.resolve(suite)}
+
+
 def evaluate(model, tokenizer, suite: str | list[str] = "all", n: int | None = None, *,
              max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, batch_size: int = 32, temperature: float = 0.0,
-             seed: int = 0, chat: bool = True, keep_responses: bool = False) -> dict:
-    """{suite: {"n", "metrics", "splits": {split: metrics}, "examples" | "responses"}} for a loaded
-    model (or an `Endpoint`, with tokenizer None)."""
+             seed: int = 0, chat: bool = True, keep_responses: bool = False,
+             progress: Callable[[str, int, int], None] | None = None) -> dict:
+    """{suite: {"n", "of", "metrics", "splits": {split: metrics}, "sample", "examples" | "responses"}} for a
+    loaded model (or an `Endpoint`, with tokenizer None).
+
+    With `n`, each split is sampled in proportion to its size with a floor (`suites.sample`); `sample`
+    says how many of each split were scored. The whole-suite `metrics` leave out what means nothing across
+    splits: the refusal rate of a suite mixing sensitive and benign prompts (read it per split).
+    `progress(suite, done, total)` is called after each generation batch.
+    """
     report = {}
-    for name in suites.resolve(suite):
-        items = suites.sample(suites.load(name), n)
+    for name, items in planned(suite, n).items():
+        full = suites.load(name)
+        done = 0
+
+        def tick(k: int, name=name, total=len(items)) -> None:
+            nonlocal done
+            done += k
+            if progress:
+                progress(name, done, total)
+
         texts, counts = generate_counted(model, tokenizer, [it["prompt"] for it in items], max_new_tokens,
-                                         batch_size, temperature, seed, chat)
-        entry = {"n": len(items), "metrics": score(items, texts, counts, seed), "splits": {}}
+                                         batch_size, temperature, seed, chat, on_batch=tick)
+        metrics = score(items, texts, counts, seed)
+        if len({bool(it.get("sensitive")) for it in items}) > 1:
+            metrics.pop("refusal_rate", None)  # sensitive and benign prompts: only per split
+        entry = {"n": len(items), "of": len(full), "metrics": metrics, "splits": {}, "sample": {}}
         for split in sorted({it["split"] for it in items if "split" in it}):
             sel = [i for i, it in enumerate(items) if it.get("split") == split]
             entry["splits"][split] = score([items[i] for i in sel], [texts[i] for i in sel],
                                            [counts[i] for i in sel], seed)
+            entry["sample"][split] = {"n": len(sel), "of": sum(1 for it in full if it.get("split") == split)}
         rows = [{"prompt": it["prompt"], "response": t, "tokens": c} for it, t, c in zip(items, texts, counts)]
         entry["responses" if keep_responses else "examples"] = rows if keep_responses else rows[:3]
         report[Path(name).stem if name.endswith(".jsonl") else name] = entry

@@ -69,13 +69,44 @@ def load(name: str) -> list[dict]:
     return items
 
 
+MIN_PER_SPLIT = 5  # a sampled split gets at least this many items (or all of them when it has fewer)
+
+
+def allocate(n: int, sizes: dict) -> dict:
+    """How many of `n` items each split gets: in proportion to its size, at least MIN_PER_SPLIT each
+    (largest shortfall first, one item at a time); when n cannot give every split its minimum, n is
+    dealt out round-robin from the largest split."""
+    q = {s: min(size, MIN_PER_SPLIT) for s, size in sizes.items()}
+    order = sorted(sizes, key=lambda s: -sizes[s])
+    if sum(q.values()) > n:
+        q = dict.fromkeys(sizes, 0)
+        left = n
+        while left:
+            for s in order:
+                if left and q[s] < sizes[s]:
+                    q[s] += 1
+                    left -= 1
+        return q
+    total = sum(sizes.values())
+    for _ in range(n - sum(q.values())):
+        s = max((s for s in order if q[s] < sizes[s]), key=lambda s: n * sizes[s] / total - q[s])
+        q[s] += 1
+    return q
+
+
 def sample(items: list[dict], n: int | None) -> list[dict]:
-    """n items spread evenly over the file (every split represented), or all of them."""
+    """n items, every split (`split` field) represented in proportion to its size and by at least
+    MIN_PER_SPLIT items (see `allocate`), spread evenly over each split in file order; or all of them."""
     if n is None or n >= len(items):
         return list(items)
     if n <= 0:
         raise ChimeraError(f"--n must be positive, got {n}")
-    return [items[(i * len(items)) // n] for i in range(n)]
+    groups: dict = {}
+    for i, it in enumerate(items):
+        groups.setdefault(it.get("split"), []).append(i)
+    quota = allocate(n, {s: len(ix) for s, ix in groups.items()})
+    chosen = [ix[(j * len(ix)) // quota[s]] for s, ix in groups.items() for j in range(quota[s])]
+    return [items[i] for i in sorted(chosen)]
 
 
 def write_builtin(suites: dict[str, list[dict]], out_dir: Path = SUITES_DIR) -> None:

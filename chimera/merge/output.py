@@ -195,15 +195,11 @@ class Output:
         if len(plan.jobs) > 1:
             write_index(out, {j.filename: j.slots() for j in plan.jobs})
         write_json_atomic(out / "config.json", plan.config)
-        s = plan.summary()
+        total = plan.summary()["output_bytes"]
         copied = sum(it.nbytes for it in plan.items if records[it.name]["op"] in ("copy", "base")
                      and "kernel" not in records[it.name])
-        write_json_atomic(out / REPORT, {
-            "plan_id": plan.plan_id, "recipe": plan.recipe.to_dict(), "metric": plan.metric,
-            "config_from_base": plan.resolved,
-            "summary": {"tensors": len(records), "ops": ops, "output_bytes": s["output_bytes"],
-                        "copied_bytes": copied, "computed_bytes": s["output_bytes"] - copied},
-            "tensors": records})
+        write_json_atomic(out / REPORT, card.record(plan, records, ops, {
+            "output_bytes": total, "copied_bytes": copied, "computed_bytes": total - copied}))
         shutil.rmtree(self.state, ignore_errors=True)
 
     def release(self) -> None:

@@ -37,7 +37,8 @@ from chimera.merge.recipe import AGREE_KEYS, Recipe, Threshold
 OUT_TAG = {"bfloat16": "BF16", "float32": "F32"}
 FP8_CLASSES = {"attention", "dense_mlp", "shared_experts", "routed_experts"}
 FP8_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
-SIDE_SKIP = {"config.json", "README.md", "chimera_merge.json", "chimera_recipe.yaml"}
+SIDE_SKIP = {"config.json", "README.md", "chimera_merge.json", "chimera_recipe.yaml",
+             "zoo.json"}  # zoo.json: a bundled model's identity, not the child's
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 chimera's schema:
 
-    parents: {v3: /ckpt/DeepSeek-V3-0324, r1: /ckpt/DeepSeek-R1}
+    parents: {v3: /ckpt/DeepSeek-V3-0324, r1: /ckpt/DeepSeek-R1}   # directories or bundled names (tiny-r1)
     base: v3
     weights:                      # per tensor class: {parent: lambda}, lambdas >= 0 summing to 1
       default: {v3: 1.0}
@@ -25,6 +25,7 @@ import yaml
 
 from chimera.checkpoint.arch import CLASSES
 from chimera.errors import ChimeraError
+from chimera.resolve import resolve_model
 
 METRICS = ("relative", "symmetric", "rms")
 OUT_DTYPES = ("keep", "bfloat16", "float32", "float8")
@@ -54,6 +55,9 @@ class Threshold:
 
 @dataclass
 class Recipe:
+    """A validated recipe. Build one with `Recipe.load(path)` or `Recipe.from_dict({...})` (which check
+    every field), or directly; parents may be directories or bundled model names either way."""
+
     parents: dict[str, Path]
     base: str
     weights: dict[str, dict[str, float]]  # class (or "default") -> {parent: lambda}
@@ -63,6 +67,18 @@ class Recipe:
     shard_size: int = 5 * 10**9
     use_base_config: tuple[str, ...] = ()  # AGREE_KEYS where parents may differ (the child takes the base's)
     source: str = ""  # the recipe text as given, copied into the output
+    lineage: dict | None = None  # set by `chimera convert`: the source's name and merge record (merge.convert)
+
+    def __post_init__(self) -> None:
+        self.parents = {str(k): resolve_model(v, strict=False) for k, v in self.parents.items()}
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Recipe":
+        return load(path)
+
+    @classmethod
+    def from_dict(cls, d: dict, root: str | Path | None = None) -> "Recipe":
+        return from_dict(d, "recipe", Path(root) if root is not None else None)
 
     def lambdas(self, name: str, cls: str | None) -> dict[str, float] | None:
         """The lambda vector for one tensor: first matching override, else its class, else default."""
@@ -136,7 +152,7 @@ def from_dict(d: dict, where: str = "recipe", root: Path | None = None) -> Recip
     if not isinstance(parents_raw, dict) or len(parents_raw) < 1:
         raise ChimeraError(f"{where}: `parents` must map names to checkpoint directories")
     root = root or Path.cwd()
-    parents = {str(k): (root / str(v)).resolve() if not Path(str(v)).is_absolute() else Path(str(v))
+    parents = {str(k): resolve_model(str(v), root, strict=False, where=f"{where}: parents.{k}")
                for k, v in parents_raw.items()}
     base = str(d.get("base", next(iter(parents))))
     if base not in parents:
@@ -202,7 +218,7 @@ def from_mergekit(d: dict, where: str = "recipe", root: Path | None = None) -> R
         path = m.get("model") if isinstance(m, dict) else None
         if not isinstance(path, str):
             raise ChimeraError(f"{where}: models[{i}].model must be a local directory path")
-        p = Path(path) if Path(path).is_absolute() else (root / path).resolve()
+        p = resolve_model(path, root, strict=False, where=f"{where}: models[{i}]")
         name = p.name or f"model{i}"
         while name in parents:
             name += "_"
@@ -215,7 +231,7 @@ def from_mergekit(d: dict, where: str = "recipe", root: Path | None = None) -> R
     base_path = d.get("base_model")
     base = next(iter(parents))
     if base_path is not None:
-        bp = Path(base_path) if Path(base_path).is_absolute() else (root / base_path).resolve()
+        bp = resolve_model(str(base_path), root, strict=False, where=f"{where}: base_model")
         matches = [n for n, p in parents.items() if p == bp]
         if not matches:
             raise ChimeraError(f"{where}: base_model {base_path} is not one of the models")

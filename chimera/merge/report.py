@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 from chimera.checkpoint import arch
@@ -81,9 +82,10 @@ def plan_report(plan: Plan, with_distances: bool = False, metric: str | None = N
     return rep
 
 
-def diff_checkpoints(a: str | Path, b: str | Path, metric: str = "relative",
-                     chunk_elems: int = CHUNK_ELEMS) -> list[dict]:
-    """Distance of every tensor of A to the same tensor of B (dequantized float32)."""
+def diff_checkpoints(a: str | Path, b: str | Path, metric: str = "relative", chunk_elems: int = CHUNK_ELEMS,
+                     progress: Callable[[int, int], None] | None = None) -> list[dict]:
+    """Distance of every tensor of A to the same tensor of B (dequantized float32); `progress(done, total)`
+    after each tensor."""
     if metric not in METRICS:
         raise ChimeraError(f"unknown metric {metric!r} (relative | symmetric | rms)")
     ca, cb = Checkpoint(a), Checkpoint(b)
@@ -94,7 +96,7 @@ def diff_checkpoints(a: str | Path, b: str | Path, metric: str = "relative",
     if missing:
         raise ChimeraError(f"{a} and {b} have different tensor names ({len(missing)}, e.g. {missing[0]})")
     rows = []
-    for name in sorted(la):
+    for done, name in enumerate(sorted(la), 1):
         if la[name].shape != lb[name].shape:
             raise ChimeraError(f"tensor {name}: shape {la[name].shape} in {a} vs {lb[name].shape} in {b}")
         n = Norms()
@@ -104,6 +106,8 @@ def diff_checkpoints(a: str | Path, b: str | Path, metric: str = "relative",
         m = re.search(r"layers\.(\d+)\.", name)
         rows.append({"tensor": name, "class": arch.classify(name, ca.config) if arch.supported(ca.model_type) else None,
                      "layer": int(m.group(1)) if m else -1, "distance": n.distance(metric)})
+        if progress:
+            progress(done, len(la))
     return rows
 
 

@@ -148,10 +148,10 @@ def _device(model: nn.Module) -> torch.device:
 
 @torch.no_grad()
 def record_routes(model: nn.Module, sequences: Sequence[Sequence[int]], n_prompt_tokens: Sequence[int] | None = None,
-                  batch_size: int = 8, pad_id: int = 0) -> Routes:
+                  batch_size: int = 8, pad_id: int = 0, on_batch: Callable[[int], None] | None = None) -> Routes:
     """Route token-id sequences through `model` (right-padded batches, one forward pass each) and aggregate
     per sequence. `n_prompt_tokens[i]` splits sequence i into prompt tokens and response tokens; without it,
-    every token is a prompt token."""
+    every token is a prompt token. `on_batch(k)` is called after each batch of k sequences (progress)."""
     if len(sequences) == 0:
         raise ChimeraError("no prompts to route")
     rec = RoutingRecorder(model)
@@ -192,6 +192,8 @@ def record_routes(model: nn.Module, sequences: Sequence[Sequence[int]], n_prompt
                     c, w = aggregate(index.cpu(), weights.cpu(), group.reshape(-1), len(ids_b), E)
                     counts[kname][rows, j] = c
                     wsums[kname][rows, j] = w
+            if on_batch:
+                on_batch(len(ids_b))
     r = Routes(layers=rec.layer_ids, num_experts=E)
     for k in kinds:
         r.counts[k] = counts[k].numpy()
@@ -231,7 +233,8 @@ def _encode(tokenizer, text: str, special: bool) -> list[int]:
 
 
 def route_texts(model: nn.Module, tokenizer, prompts: Sequence[str], responses: Sequence[str] | None = None,
-                batch_size: int = 8, format: Callable[[str], str] | None = None) -> Routes:
+                batch_size: int = 8, format: Callable[[str], str] | None = None,
+                on_batch: Callable[[int], None] | None = None) -> Routes:
     """Tokenize (formatted) prompts, optionally followed by their responses, and record routing statistics."""
     if len(prompts) == 0:
         raise ChimeraError("no prompts to route")
@@ -247,6 +250,7 @@ def route_texts(model: nn.Module, tokenizer, prompts: Sequence[str], responses: 
             ids = ids + _encode(tokenizer, responses[i], special=False)
         seqs.append(ids)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    r = record_routes(model, seqs, cuts if responses is not None else None, batch_size=batch_size, pad_id=pad)
+    r = record_routes(model, seqs, cuts if responses is not None else None, batch_size=batch_size, pad_id=pad,
+                      on_batch=on_batch)
     r.texts = list(prompts)
     return r

@@ -193,44 +193,12 @@ def plot_heatmap(result: FtriResult, path: str | os.PathLike, top: int = 10, tit
 
 # ------------------------------------------------------------------------------ generation and labelling
 def generate_responses(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 64, batch_size: int = 8,
-                       format: Callable[[str], str] | None = None) -> list[str]:
-    """Greedy responses. Uses `chimera.eval.harness.generate` when the harness exists, else a batched
-    left-padded `model.generate`."""
-    try:
-        from chimera.eval import harness  # type: ignore
+                       on_batch: Callable[[int], None] | None = None) -> list[str]:
+    """Greedy responses through the eval harness (the chat template when the tokenizer has one)."""
+    from chimera.eval import harness
 
-        gen = getattr(harness, "generate", None)
-    except ImportError:
-        gen = None
-    if gen is not None and format is None:
-        try:
-            return list(gen(model, tokenizer, list(prompts), max_new_tokens=max_new_tokens, batch_size=batch_size))
-        except TypeError:  # a harness without batch_size
-            return list(gen(model, tokenizer, list(prompts), max_new_tokens=max_new_tokens))
-    import torch
-
-    from chimera.moe.capture import default_format
-
-    fmt = format or default_format(tokenizer)
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    out: list[str] = []
-    try:
-        for s in range(0, len(prompts), batch_size):
-            texts = [fmt(p) for p in prompts[s:s + batch_size]]
-            bos = getattr(tokenizer, "bos_token", None)
-            enc = tokenizer(texts, return_tensors="pt", padding=True,
-                            add_special_tokens=not (bos and texts[0].startswith(bos)))
-            enc = {k: v.to(next(model.parameters()).device) for k, v in enc.items()}
-            with torch.no_grad():
-                ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                     pad_token_id=tokenizer.pad_token_id)
-            out.extend(tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True))
-    finally:
-        tokenizer.padding_side = side
-    return out
+    return harness.generate(model, tokenizer, list(prompts), max_new_tokens=max_new_tokens, batch_size=batch_size,
+                            on_batch=on_batch)
 
 
 def resolve_scorer(name: str) -> Callable:

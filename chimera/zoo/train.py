@@ -11,7 +11,7 @@ Everything is seeded (data, init, batch order), single process, one thread by de
 4. Router balance without an auxiliary loss (DeepSeek-V3's): after every step each MoE layer's
    `e_score_correction_bias` moves by `BIAS_STEP` up for experts below the mean load, down above it.
 5. `save_pretrained` in bf16 (per-expert tensor names on disk; the router bias kept in float32), the
-   tokenizer and generation config next to it; FP8 copies via `chimera.checkpoint.convert` when present.
+   tokenizer and generation config next to it; FP8 copies via `chimera.merge.convert` when present.
 """
 from __future__ import annotations
 
@@ -213,8 +213,8 @@ def check_saved(out_dir: Path) -> None:
 
 
 def make_fp8(models_dir: Path) -> list[str]:
-    """FP8 copies with chimera's own converter (which also copies tokenizer, zoo.json and other side files)."""
-    from chimera.checkpoint.convert import convert
+    """FP8 copies with chimera's own converter (which also copies the tokenizer and other side files; not zoo.json)."""
+    from chimera.merge.convert import convert
 
     made = []
     for name in ("tiny-v3", "tiny-r1"):
