@@ -282,3 +282,18 @@ def test_device_path_merge_writes_the_cpu_bytes(ds_pair, tmp_path):
         return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.iterdir()) if p.is_file()}
 
     assert sha(tmp_path / "cpu") == sha(tmp_path / "torch-cpu")
+
+
+def test_norms_fp8_equal_norms_of_the_decoded_values():
+    (qa, qb), (sa, sb), _ = _fp8_parents(2, (300, 200), seed=5)
+    got = kernels.norms_fp8(raw(qa), sa.numpy(), raw(qb), sb.numpy())
+    want = kernels.norms(kernels.decode_fp8(raw(qa), sa.numpy()), "F32", kernels.decode_fp8(raw(qb), sb.numpy()), "F32")
+    a64, b64 = ckpt_dequant(qa, sa), ckpt_dequant(qb, sb)
+    exact = [float(((a64 - b64) ** 2).sum()), float((a64 ** 2).sum()), float((b64 ** 2).sum())]
+    assert got == pytest.approx(want, rel=1e-12) and got == pytest.approx(exact, rel=1e-12)
+
+
+def ckpt_dequant(q, s):
+    import ckpt
+
+    return ckpt.dequant_ref(q, s).float().double()   # float32 values, as the merge reads them

@@ -102,9 +102,9 @@ def distance(a, b, metric: str = "relative") -> float:
 PLAIN_FLOATS = ("BF16", "F16", "F32")
 
 
-def stored_values(stored, rows: tuple[int, int] | None) -> tuple[np.ndarray, str]:
-    """Rows of a stored tensor as values the norms kernel reads: plain bf16/f16/f32 as stored (no
-    copy to float32), block FP8 decoded to float32, anything else through `read_array`."""
+def stored_values(stored, rows: tuple[int, int] | None) -> tuple:
+    """Rows of a stored tensor as the norms kernels read them: plain bf16/f16/f32 as stored (array, tag),
+    block FP8 as (codes, "FP8", scales, block), anything else as float32 through `read_array`."""
     from chimera.checkpoint.files import read_bytes
     from chimera.merge import kernels
 
@@ -116,8 +116,7 @@ def stored_values(stored, rows: tuple[int, int] | None) -> tuple[np.ndarray, str
         b = stored.block
         r0, r1 = rows if rows is not None else (0, qshape[0])
         sc, sshape = read_bytes(stored.scale, (r0 // b, -(-r1 // b)))
-        return kernels.decode_fp8(np.frombuffer(q, np.uint8).reshape(qshape),
-                                  np.frombuffer(sc, np.float32).reshape(sshape), b), "F32"
+        return np.frombuffer(q, np.uint8).reshape(qshape), "FP8", np.frombuffer(sc, np.float32).reshape(sshape), b
     return read_array(stored, rows), "F32"
 
 
@@ -130,19 +129,27 @@ class ToBase:
 
     def add(self, rows: tuple[int, int] | None, arrays: dict | None = None) -> None:
         """Add rows [r0, r1); `arrays` may hold parents' values of those rows already read: float32
-        arrays, or (array, safetensors tag) pairs of stored values."""
+        arrays, or what `stored_values` returns."""
         from chimera.merge import kernels
 
-        def values(p: str) -> tuple[np.ndarray, str]:
+        def values(p: str) -> tuple:
             v = (arrays or {}).get(p)
             if v is None:
                 return stored_values(self.item.source(p).stored, rows)
             return v if isinstance(v, tuple) else (v, "F32")
 
-        b, tb = values(self.item.base)
+        def as_float(v: tuple) -> tuple:
+            return (kernels.decode_fp8(v[0], v[2], v[3]), "F32") if v[1] == "FP8" else v
+
+        b = values(self.item.base)
         for p, n in self.norms.items():
-            a, ta = values(p)
-            n.add_sums(*kernels.norms(a, ta, b, tb), a.size)
+            a = values(p)
+            if a[1] == b[1] == "FP8" and a[3] == b[3]:
+                sums = kernels.norms_fp8(a[0], a[2], b[0], b[2], a[3])     # straight from the codes
+            else:
+                (fa, ta), (fb, tb) = as_float(a), as_float(b)
+                sums = kernels.norms(fa, ta, fb, tb)
+            n.add_sums(*sums, a[0].size)
 
     def value(self, metric: str | None = None) -> float:
         metric = metric or self.item.metric

@@ -259,3 +259,39 @@ int norms_float(int64_t start, int64_t stop, const void *a, int adt, const void 
     }
     return 0;
 }
+
+/* distances on block FP8 without float32 copies: rows [r0, r1) of two [R, N] code arrays with their
+ * scales ([ceil(R/b), ceil(N/b)], the same block b); each value is value(q) * s as decode_fp8 makes it */
+int norms_fp8(int64_t r0, int64_t r1, int64_t n, const uint8_t *qa, const float *sa, const uint8_t *qb,
+              const float *sb, int64_t nb, int block, double *out) {
+    init_lut();
+    float ta[MAX_BLOCK], tb[MAX_BLOCK];
+    double d2[8] = {0}, a2[8] = {0}, b2[8] = {0};
+    if (block > MAX_BLOCK) return -1;
+    for (int64_t r = r0; r < r1; r++) {
+        for (int64_t c0 = 0; c0 < n; c0 += block) {
+            int len = (int)(n - c0 < block ? n - c0 : block);
+            float fa = sa[(r / block) * nb + c0 / block], fb = sb[(r / block) * nb + c0 / block];
+            const uint8_t *pa = qa + r * n + c0, *pb = qb + r * n + c0;
+            for (int i = 0; i < len; i++) {
+                ta[i] = LUT[pa[i]] * fa;
+                tb[i] = LUT[pb[i]] * fb;
+            }
+            for (int i = len; i < (len + 7) / 8 * 8; i++) ta[i] = tb[i] = 0.0f;
+            for (int i = 0; i < len; i += 8)
+                for (int j = 0; j < 8; j++) {
+                    double x = ta[i + j], y = tb[i + j], d = x - y;
+                    d2[j] += d * d;
+                    a2[j] += x * x;
+                    b2[j] += y * y;
+                }
+        }
+    }
+    out[0] = out[1] = out[2] = 0.0;
+    for (int j = 0; j < 8; j++) {
+        out[0] += d2[j];
+        out[1] += a2[j];
+        out[2] += b2[j];
+    }
+    return 0;
+}

@@ -226,3 +226,23 @@ def _float64(x: np.ndarray, tag: str) -> np.ndarray:
     if tag == "BF16":
         return (x.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
     return x.astype(np.float64)
+
+
+def norms_fp8(qa: np.ndarray, sa: np.ndarray, qb: np.ndarray, sb: np.ndarray, block: int = 128
+              ) -> tuple[float, float, float]:
+    """`norms` of two block-FP8 chunks (codes [R, N], scales [ceil(R/b), ceil(N/b)]) on their decoded
+    values, without decoding them into float32 arrays."""
+    lib = native.lib()
+    r, n = qa.shape
+    if lib is None or not qa.size or block > 256:
+        return norms(decode_fp8(qa, sa, block), "F32", decode_fp8(qb, sb, block), "F32")
+    qa, qb = np.ascontiguousarray(qa, dtype=np.uint8), np.ascontiguousarray(qb, dtype=np.uint8)
+    sa, sb = np.ascontiguousarray(sa, dtype=np.float32), np.ascontiguousarray(sb, dtype=np.float32)
+    p = [native.ptr(x) for x in (qa, sa, qb, sb)]
+    nb = sa.shape[1]
+    step = max(1, native.SUM_PIECE // max(n, 1))          # rows per partial sum (fixed: thread-independent)
+    pieces = list(range(0, r, step)) + [r]
+    bufs = [(ctypes.c_double * 3)() for _ in range(len(pieces) - 1)]
+    native.split(lambda i, j: sum(lib.norms_fp8(pieces[k], pieces[k + 1], n, p[0], p[1], p[2], p[3], nb, block,
+                                                bufs[k]) for k in range(i, j)), len(bufs))
+    return tuple(sum(b[k] for b in bufs) for k in range(3))

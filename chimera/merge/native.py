@@ -42,6 +42,7 @@ SIGNATURES = {
     "mix_fp8": [I64, I64, I64, I64, INT, P, P, P, INT, INT, P, P],
     "encode_fp8": [I64, I64, I64, I64, P, INT, INT, P, P],
     "norms_float": [I64, I64, P, INT, P, INT, P],
+    "norms_fp8": [I64, I64, I64, P, P, P, P, I64, INT, P],
 }
 
 
@@ -158,7 +159,7 @@ def split(fn: Callable[[int, int], int], n: int, parts: int | None = None) -> in
     return flag
 
 
-SUM_PIECE = 1 << 20  # elements per partial sum: the sums' rounding never depends on the thread count
+SUM_PIECE = 1 << 20  # elements (or rows, for row kernels) per partial sum: the rounding never depends on threads
 
 
 def split_sums(fn: Callable[[int, int, ctypes.Array], int], n: int, width: int) -> list[float]:

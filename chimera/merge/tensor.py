@@ -105,8 +105,7 @@ def _fused(it: Item, out: ShardFile, lams, chunks, measure: ToBase | None, compi
                 q, sc, bad = mixer.mix_fp8([codes[p] for p in mixed], [scales[p] for p in mixed], lam_list,
                                            it.ue8m0, it.block, buf)
                 if measure:
-                    measure.add(rows, {p: (kernels.decode_fp8(codes[p], scales[p], it.block), "F32")
-                                       for p in parents})
+                    measure.add(rows, {p: (codes[p], "FP8", scales[p], it.block) for p in parents})
                 writes = [(it.name, q, rows[0] * q.shape[1]),
                           (scale_name(it.name), sc, (rows[0] // it.block) * sc.shape[1] * 4)]
             else:
