@@ -55,6 +55,8 @@ def main() -> None:
         "fp8 decode, torch": lambda: fp8.dequantize(qs[0], ss[0]),
         "fp8 encode, fused C": lambda: kernels.encode_fp8(wr),
         "fp8 encode, torch": lambda: fp8.quantize(w),
+        "distance sums, bf16, fused C": lambda: kernels.norms(xr, "BF16", yr, "BF16"),
+        "distance sums, block FP8, fused C": lambda: kernels.norms_fp8(qr[0], sr[0], qr[1], sr[1]),
     }
     rows = {}
     for name, fn in cases.items():
