@@ -102,21 +102,23 @@ def distance(a, b, metric: str = "relative") -> float:
 PLAIN_FLOATS = ("BF16", "F16", "F32")
 
 
-def stored_values(stored, rows: tuple[int, int] | None) -> tuple:
+def stored_values(stored, rows: tuple[int, int] | None, mapped=None) -> tuple:
     """Rows of a stored tensor as the norms kernels read them: plain bf16/f16/f32 as stored (array, tag),
-    block FP8 as (codes, "FP8", scales, block), anything else as float32 through `read_array`."""
-    from chimera.checkpoint.files import read_bytes
+    block FP8 as (codes, "FP8", scales, block), anything else as float32 through `read_array`.
+    The bytes are views of the mapped parent files (`reader.Mapped`): nothing is copied."""
     from chimera.merge import kernels
+    from chimera.merge.reader import Mapped
 
+    mapped = mapped or Mapped([])
+    shape = tuple(stored.weight.shape) if rows is None else (rows[1] - rows[0], *stored.weight.shape[1:])
     if stored.scale is None and stored.dtype in PLAIN_FLOATS:
-        buf, shape = read_bytes(stored.weight, rows)
-        return np.frombuffer(buf, kernels.NUMPY[stored.dtype]).reshape(shape), stored.dtype
+        return mapped.view(stored.weight, rows).view(kernels.NUMPY[stored.dtype]).reshape(shape), stored.dtype
     if stored.scale is not None and stored.dtype == "F8_E4M3" and len(stored.weight.shape) == 2:
-        q, qshape = read_bytes(stored.weight, rows)
         b = stored.block
-        r0, r1 = rows if rows is not None else (0, qshape[0])
-        sc, sshape = read_bytes(stored.scale, (r0 // b, -(-r1 // b)))
-        return np.frombuffer(q, np.uint8).reshape(qshape), "FP8", np.frombuffer(sc, np.float32).reshape(sshape), b
+        r0, r1 = rows if rows is not None else (0, shape[0])
+        sc = mapped.view(stored.scale, (r0 // b, -(-r1 // b))).view(np.float32)
+        return (mapped.view(stored.weight, rows).reshape(shape), "FP8",
+                sc.reshape(-(-r1 // b) - r0 // b, -1), b)
     return read_array(stored, rows), "F32"
 
 
@@ -124,8 +126,11 @@ class ToBase:
     """max_i d(P_i, B) of one output tensor, fed chunk by chunk (`add`), for every non-base parent."""
 
     def __init__(self, item):
+        from chimera.merge.reader import Mapped
+
         self.item = item
         self.norms = {s.parent: Norms() for s in item.others}
+        self.mapped = Mapped([])  # the parents' files, mapped once per tensor
 
     def add(self, rows: tuple[int, int] | None, arrays: dict | None = None) -> None:
         """Add rows [r0, r1); `arrays` may hold parents' values of those rows already read: float32
@@ -135,7 +140,7 @@ class ToBase:
         def values(p: str) -> tuple:
             v = (arrays or {}).get(p)
             if v is None:
-                return stored_values(self.item.source(p).stored, rows)
+                return stored_values(self.item.source(p).stored, rows, self.mapped)
             return v if isinstance(v, tuple) else (v, "F32")
 
         def as_float(v: tuple) -> tuple:

@@ -145,13 +145,13 @@ class Mapped:
             self.maps[info.file] = mm
         return mm
 
+    def view(self, info: TensorInfo, rows: tuple[int, int] | None) -> np.ndarray:
+        """The stored bytes of rows [r0, r1) of a tensor, as a read-only view of its mapped file."""
+        start, nbytes = row_span(info, rows)
+        return np.frombuffer(self._map(info), np.uint8, count=nbytes, offset=start) if nbytes else np.empty(0, np.uint8)
+
     def _views(self, i: int) -> list[np.ndarray]:
-        out = []
-        for info, rows in self.chunks[i]:
-            start, nbytes = row_span(info, rows)
-            out.append(np.frombuffer(self._map(info), np.uint8, count=nbytes, offset=start) if nbytes
-                       else np.empty(0, np.uint8))
-        return out
+        return [self.view(info, rows) for info, rows in self.chunks[i]]
 
     def _advise(self, i: int) -> None:
         page = mmap.PAGESIZE
