@@ -40,9 +40,9 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 
 
 def _register() -> None:
-    from chimera.commands import demo, eval, merge, moe, sweep
+    from chimera.commands import demo, eval, merge, moe, prune, serve, sweep
 
-    for wing in (merge, eval, moe, sweep, demo):
+    for wing in (merge, eval, moe, sweep, demo, serve, prune):
         wing.register(app)
 
 

@@ -17,3 +17,13 @@ def ds_pair(tmp_path_factory):
     a = ckpt.write(root / "v3", sd, cfg, "fp8", shards=3, split_scale=True)
     b = ckpt.write(root / "r1", sd2, cfg, "fp8", shards=2)
     return a, b, sd, sd2, cfg
+
+
+@pytest.fixture(scope="session")
+def chimera_server():
+    """`chimera serve tiny-r1` on a free localhost port, with an API key, for the whole session."""
+    import served
+
+    s = served.chimera_serve("tiny-r1", "--max-queue", "12", "--max-batch", "4")
+    yield s
+    s.stop()

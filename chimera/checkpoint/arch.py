@@ -9,6 +9,7 @@ and its multi-token-prediction (MTP) layer at index num_hidden_layers.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 from chimera.errors import ChimeraError
 
@@ -87,3 +88,67 @@ def classify(name: str, config: dict) -> str | None:
                 return None  # an MoE layer has no dense MLP: a stray name, not a class
         return cls
     return None
+
+
+# ------------------------------------------------------------------------------------------- roles
+# Layer and routed-expert index of an on-disk name: the same on-disk convention in every table above.
+_LAYER_IDX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+_EXPERT_IDX = re.compile(r"(?:^|\.)experts\.(\d+)\.")
+
+#: config keys that hold the number of routed experts per MoE layer, by architecture family
+EXPERT_COUNT_KEYS = ("n_routed_experts", "num_local_experts", "num_experts")
+
+
+@dataclass(frozen=True)
+class Role:
+    """What one on-disk tensor is: its class, decoder layer and routed-expert index (per-expert tensors), or
+    `fused` when it holds every expert of its layer along axis 0."""
+
+    cls: str
+    layer: int | None = None
+    expert: int | None = None
+    fused: bool = False
+
+
+@dataclass(frozen=True)
+class RouterTensor:
+    name: str                     # logical on-disk tensor
+    axis: int | None              # the axis indexing experts; None: values are expert ids (a token table)
+
+
+class _Tables:
+    """Roles of on-disk names for one config, from the tables above."""
+
+    def __init__(self, config: dict):
+        self.config = config
+        self.n_layers = int(config.get("num_hidden_layers", 0))
+
+    def role(self, name: str) -> Role | None:
+        cls = classify(name, self.config)
+        if cls is None:
+            return None
+        lm, em = _LAYER_IDX.search(name), _EXPERT_IDX.search(name)
+        expert = int(em.group(1)) if em and cls == "routed_experts" else None
+        return Role(cls, int(lm.group(1)) if lm else None, expert, cls == "routed_experts" and expert is None)
+
+    def num_experts(self, layer: int) -> int:
+        """Routed experts of an MoE layer: every table above has one count for all layers in config.json."""
+        keys = expert_count_keys(self.config)
+        if not keys:
+            raise ChimeraError(f"config.json: no expert count ({', '.join(EXPERT_COUNT_KEYS)})")
+        return int(self.config[keys[0]])
+
+    def router_tensors(self, names, layer: int) -> list[RouterTensor]:
+        """The router tensors of `layer` with the axis that indexes experts (axis 0 for every table above)."""
+        return [RouterTensor(n, 0) for n in names if (r := self.role(n)) and r.cls == "router" and r.layer == layer]
+
+
+def of(config: dict) -> _Tables:
+    """Architecture knowledge for a config.json mapping: `.role(name)`, `.num_experts(layer)`,
+    `.router_tensors(names, layer)`, `.n_layers`."""
+    return _Tables(config)
+
+
+def expert_count_keys(config: dict) -> list[str]:
+    """The config key(s) holding the number of routed experts (one per family; checked, not guessed)."""
+    return [k for k in EXPERT_COUNT_KEYS if isinstance(config.get(k), int)]

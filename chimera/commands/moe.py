@@ -81,7 +81,14 @@ def _ftri(model: str = typer.Argument(..., help="checkpoint directory or bundled
           csv: Optional[Path] = typer.Option(None, "--csv", help="also write the full ranking as CSV"),
           plot: Optional[Path] = typer.Option(None, "--plot", help="heatmap PNG with the top experts marked"),
           max_new_tokens: int = typer.Option(64, "--max-new-tokens"),
-          batch_size: int = typer.Option(8, "--batch-size")) -> None:
+          batch_size: int = typer.Option(8, "--batch-size"),
+          endpoint: Optional[str] = typer.Option(None, "--endpoint", help="fTRI from the routed experts a server "
+                                                 "returns (chimera serve, vLLM, SGLang); MODEL is the served name"),
+          api_key: Optional[str] = typer.Option(None, "--api-key", envvar="CHIMERA_API_KEY"),
+          num_experts: Optional[int] = typer.Option(None, "--num-experts", help="with --endpoint: routed experts "
+                                                    "per layer (chimera serve publishes it)"),
+          top_k: Optional[int] = typer.Option(None, "--top-k", help="with --endpoint: experts per token (needed to "
+                                              "reshape SGLang's flat payload)")) -> None:
     """fTRI: rank routed experts by mean(target) - mean(contrast) routing over the whole model."""
     from chimera.moe import ftri as F
 
@@ -109,6 +116,13 @@ def _ftri(model: str = typer.Argument(..., help="checkpoint directory or bundled
             if len(ps) < FEW:
                 ui.warn(f"fTRI: only {len(ps)} {name} prompt(s); with fewer than {FEW} per class the ranking is "
                         "mostly noise")
+    if endpoint:
+        from chimera.moe.engine_routes import ftri_endpoint
+
+        result = ftri_endpoint(endpoint, model, t_prompts, c_prompts, scorer, target_label, kind, stat, max_new_tokens,
+                               api_key, num_experts, top_k, label_by_response)
+        _finish(result, top, out, csv, plot)
+        return
     m, tok = load_model(model)
     from chimera.moe.capture import route_texts
 
@@ -141,6 +155,10 @@ def _ftri(model: str = typer.Argument(..., help="checkpoint directory or bundled
             rt = run(t_prompts, "target", need, bar)[1]
             rc = run(c_prompts, "contrast", need, bar)[1]
             result = F.ftri_routes(rt, rc, stat=stat, tokens=kind, meta=meta)
+    _finish(result, top, out, csv, plot)
+
+
+def _finish(result, top, out, csv, plot):
     result.write_json(out, top=top)
     if csv is not None:
         result.write_csv(csv)
@@ -150,16 +168,9 @@ def _ftri(model: str = typer.Argument(..., help="checkpoint directory or bundled
 
 
 def _target_label(labels, wanted):
-    present = list(dict.fromkeys(labels))
-    if wanted is None:
-        for cand in (True, "refused", "refusal", "yes", 1):
-            if cand in present:
-                return cand
-        raise ChimeraError(f"--target-label needed: the scorer gave labels {present}")
-    for lab in present:
-        if str(lab).lower() == wanted.lower():
-            return lab
-    raise ChimeraError(f"no response labelled {wanted!r} (labels: {present})")
+    from chimera.moe.ftri import pick_target_label
+
+    return pick_target_label(labels, wanted)
 
 
 def _print_top(result, top, out):

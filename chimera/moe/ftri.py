@@ -227,6 +227,21 @@ def resolve_scorer(name: str) -> Callable:
     raise ChimeraError(f"unknown scorer '{name}'" + (f" (known: {', '.join(known)})" if known else ""))
 
 
+def pick_target_label(labels: Sequence, wanted: str | None):
+    """The target class among the labels a scorer gave: `wanted` (case-insensitive), or the scorer's positive
+    label (True / refused / refusal / yes / 1)."""
+    present = list(dict.fromkeys(labels))
+    if wanted is None:
+        for cand in (True, "refused", "refusal", "yes", 1):
+            if cand in present:
+                return cand
+        raise ChimeraError(f"--target-label needed: the scorer gave labels {present}")
+    for lab in present:
+        if str(lab).lower() == wanted.lower():
+            return lab
+    raise ChimeraError(f"no response labelled {wanted!r} (labels: {present})")
+
+
 def label_responses(scorer: Callable, prompts: Sequence[str], responses: Sequence[str]) -> list:
     """Label each response with a scorer of the eval harness's convention: `scorer(response)` or
     `scorer(response, item)` with item = {"prompt": prompt}. A dict result gives its `label`/`value`."""
