@@ -27,7 +27,8 @@ def setup() -> None:
     if not PY.exists():
         venv.create(VENV, with_pip=True)
     sh(str(PY), "-m", "pip", "install", "-q", "--disable-pip-version-check", TORCH)
-    sh(str(PY), "-m", "pip", "install", "-q", "--disable-pip-version-check", "-e", ".[dev]")
+    # the extras the test suite exercises (Ray: tests/test_ray.py); torch stays pinned to the CPU build
+    sh(str(PY), "-m", "pip", "install", "-q", "--disable-pip-version-check", "-e", ".[dev,ray]", TORCH)
     stamp.write_text((ROOT / "pyproject.toml").read_text())
 
 

@@ -358,7 +358,7 @@ def test_row_chunks_and_fused_kernel_in_a_merge(wide, tmp_path):
     kernels = {n: rec.get("kernel") for n, rec in small.records.items()}
     fused = [n for n, k in kernels.items() if k == "fused-fp8" and shapes[n][0] > 128]   # several row chunks
     tail = [n for n, k in kernels.items() if k == "fused-fp8" and shapes[n][0] % 128]    # a partial row block
-    assert fused and tail and kernels["model.embed_tokens.weight"] == "generic"
+    assert fused and tail and kernels["model.embed_tokens.weight"] == "fused-float"   # bf16 in its own dtype
     got = tensors(tmp_path / "chunked")
     fa, fb = ckpt.load_float(a), ckpt.load_float(b)
     for n in (fused[0], tail[0]):

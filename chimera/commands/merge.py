@@ -91,11 +91,15 @@ def merge(recipe: Path = typer.Argument(..., help="recipe YAML"),
           workers: int = typer.Option(2, "--workers", "-j", help="shard jobs run in parallel"),
           compile: str = typer.Option("auto", "--compile", help="fused FP8 kernel under torch.compile: auto | on | off"),
           distances: bool = typer.Option(True, "--distances/--no-distances",
-                                         help="record every tensor's distance to the base (--no-distances: copies run at disk speed)")) -> None:
+                                         help="record every tensor's distance to the base (--no-distances: copies run at disk speed)"),
+          executor: str = typer.Option("local", "--executor", help="local (a thread pool) | ray (one Ray task per shard; OUT on a filesystem all nodes share)"),
+          address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address ('auto': the running cluster; default RAY_ADDRESS, else a new local one)"),
+          device: str = typer.Option("auto", "--device", help="where mixes run: auto | cpu | cuda[:N] (auto: a CUDA device when there is one)")) -> None:
     """Build the child checkpoint described by RECIPE."""
     from chimera.merge.recipe import load
 
     ui.one_of(compile, ("auto", "on", "off"), "--compile")
+    ui.one_of(executor, ("local", "ray"), "--executor")
     ui.positive(workers, "--workers")
     ui.output_dir(out, "-o")
     r = load(recipe)
@@ -106,7 +110,7 @@ def merge(recipe: Path = typer.Argument(..., help="recipe YAML"),
     t0 = time.perf_counter()
     with ui.task("merge", total=sum(j.nbytes for j in p.jobs), nbytes=True) as advance:
         res = run_merge(p, out, resume=resume, force=force, workers=workers, on_bytes=advance, compile=compile,
-                        distances=distances)
+                        distances=distances, executor=executor, address=address, device=device)
     dt = time.perf_counter() - t0
     ui.out().print(f"wrote {res.out} ({res.written} of {res.shards} shard(s) this run) in {dt:.1f}s; "
                    f"operations: {res.ops}")

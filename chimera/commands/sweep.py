@@ -25,6 +25,9 @@ def sweep(
     served_name: str = typer.Option("{model}", "--served-name", help="the request's model field ('' for none)"),
     startup_timeout: float = typer.Option(900.0, "--startup-timeout", help="seconds to wait for each server"),
     report: bool = typer.Option(True, "--report/--no-report", help="also write OUT/report/ (markdown, PNGs, HTML)"),
+    executor: str = typer.Option("local", "--executor", help="local (worker processes) | ray (one Ray task per point; OUT on a shared filesystem)"),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address ('auto': the running cluster; default RAY_ADDRESS, else a new local one)"),
+    gpus_per_point: float = typer.Option(0, "--gpus-per-point", help="GPUs each Ray task asks for (with --executor ray)"),
 ) -> None:
     """Evaluate a grid of children (lambdas per tensor class) into one table: OUT/table.csv|json."""
     from rich.console import Console
@@ -36,7 +39,8 @@ def sweep(
         endpoint = sw.EndpointSpec(endpoint_cmd, endpoint_url, served_name or None, startup_timeout)
     res = sw.run_sweep(recipe, vary, out, suite, n, max_new_tokens=max_new_tokens, batch_size=batch_size,
                        temperature=temperature, seed=seed, workers=workers, parents=not no_parents,
-                       keep_children=keep_children, endpoint=endpoint)
+                       keep_children=keep_children, endpoint=endpoint, executor=executor, address=address,
+                       gpus_per_point=gpus_per_point)
     con = Console()
     con.print(f"{len(res.rows)} point(s): {len(res.computed)} evaluated, {len(res.reused)} reused"
               + (f", {res.skipped} infeasible skipped" if res.skipped else "") + f" -> {res.out / 'table.csv'}")

@@ -22,9 +22,10 @@ _LAZY = {"build_plan": "plan", "Plan": "plan", "run_merge": "execute", "MergeRes
 
 
 def merge(recipe, out: str | os.PathLike, resume: bool = False, force: bool = False, workers: int = 2,
-          distances: bool = True):
+          distances: bool = True, **kw):
     """Build the child checkpoint described by `recipe` (a Recipe, a YAML path or a recipe mapping) in
-    `out`; returns the `MergeResult`."""
+    `out`; returns the `MergeResult` (`kw`: the rest of `run_merge`'s options, e.g. executor="ray",
+    device="cuda")."""
     from chimera.merge.execute import run_merge
     from chimera.merge.plan import build_plan
     from chimera.merge.recipe import Recipe, from_dict, load
@@ -33,7 +34,8 @@ def merge(recipe, out: str | os.PathLike, resume: bool = False, force: bool = Fa
         recipe = from_dict(recipe)
     elif not isinstance(recipe, Recipe):
         recipe = load(Path(recipe))
-    return run_merge(build_plan(recipe), out, resume=resume, force=force, workers=workers, distances=distances)
+    return run_merge(build_plan(recipe), out, resume=resume, force=force, workers=workers, distances=distances,
+                     **kw)
 
 
 def __getattr__(name: str):

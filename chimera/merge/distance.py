@@ -58,6 +58,13 @@ class Norms:
         self.b2 += sum_squares(b) if b2 is None else b2
         self.numel += a.size
 
+    def add_sums(self, diff2: float, a2: float, b2: float, numel: int) -> None:
+        """Add one chunk's sums computed elsewhere (`kernels.norms` on stored values)."""
+        self.diff2 += diff2
+        self.a2 += a2
+        self.b2 += b2
+        self.numel += numel
+
     def distance(self, metric: str) -> float:
         diff = math.sqrt(self.diff2)
         if metric == "relative":
@@ -92,24 +99,63 @@ def distance(a, b, metric: str = "relative") -> float:
     return n.distance(metric)
 
 
+PLAIN_FLOATS = ("BF16", "F16", "F32")
+
+
+def stored_values(stored, rows: tuple[int, int] | None, mapped=None) -> tuple:
+    """Rows of a stored tensor as the norms kernels read them: plain bf16/f16/f32 as stored (array, tag),
+    block FP8 with float32 scales as (codes, "FP8", scales, block), anything else (other scale dtypes,
+    MXFP4, INT4) as float32 through `read_array`.
+    The bytes are views of the mapped parent files (`reader.Mapped`): nothing is copied."""
+    from chimera.merge import kernels
+    from chimera.merge.reader import Mapped
+
+    mapped = mapped or Mapped([])
+    shape = tuple(stored.weight.shape) if rows is None else (rows[1] - rows[0], *stored.weight.shape[1:])
+    if stored.format == "plain" and stored.dtype in PLAIN_FLOATS:
+        return mapped.view(stored.weight, rows).view(kernels.NUMPY[stored.dtype]).reshape(shape), stored.dtype
+    if stored.format == "fp8_block" and stored.scale.dtype == "F32" and stored.dtype == "F8_E4M3":
+        b = stored.block
+        r0, r1 = rows if rows is not None else (0, shape[0])
+        sc = mapped.view(stored.scale, (r0 // b, -(-r1 // b))).view(np.float32)
+        return (mapped.view(stored.weight, rows).reshape(shape), "FP8",
+                sc.reshape(-(-r1 // b) - r0 // b, -1), b)
+    return read_array(stored, rows), "F32"
+
+
 class ToBase:
     """max_i d(P_i, B) of one output tensor, fed chunk by chunk (`add`), for every non-base parent."""
 
     def __init__(self, item):
+        from chimera.merge.reader import Mapped
+
         self.item = item
         self.norms = {s.parent: Norms() for s in item.others}
+        self.mapped = Mapped([])  # the parents' files, mapped once per tensor
 
-    def add(self, rows: tuple[int, int] | None, arrays: dict[str, np.ndarray] | None = None) -> None:
-        """Add rows [r0, r1); `arrays` may hold parents' float32 values of those rows already read."""
-        arrays = arrays if arrays is not None else {}
-        it = self.item
-        b = arrays.get(it.base)
-        if b is None:
-            b = read_array(it.source(it.base).stored, rows)
-        b2 = sum_squares(b)
+    def add(self, rows: tuple[int, int] | None, arrays: dict | None = None) -> None:
+        """Add rows [r0, r1); `arrays` may hold parents' values of those rows already read: float32
+        arrays, or what `stored_values` returns."""
+        from chimera.merge import kernels
+
+        def values(p: str) -> tuple:
+            v = (arrays or {}).get(p)
+            if v is None:
+                return stored_values(self.item.source(p).stored, rows, self.mapped)
+            return v if isinstance(v, tuple) else (v, "F32")
+
+        def as_float(v: tuple) -> tuple:
+            return (kernels.decode_fp8(v[0], v[2], v[3]), "F32") if v[1] == "FP8" else v
+
+        b = values(self.item.base)
         for p, n in self.norms.items():
-            a = arrays.get(p)
-            n.add(a if a is not None else read_array(it.source(p).stored, rows), b, b2)
+            a = values(p)
+            if a[1] == b[1] == "FP8" and a[3] == b[3]:
+                sums = kernels.norms_fp8(a[0], a[2], b[0], b[2], a[3])     # straight from the codes
+            else:
+                (fa, ta), (fb, tb) = as_float(a), as_float(b)
+                sums = kernels.norms(fa, ta, fb, tb)
+            n.add_sums(*sums, a[0].size)
 
     def value(self, metric: str | None = None) -> float:
         metric = metric or self.item.metric

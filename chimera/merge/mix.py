@@ -28,7 +28,7 @@ from chimera.checkpoint import fp8, int4, mxfp4
 from chimera.checkpoint.files import ITEMSIZE, torch_dtype
 from chimera.checkpoint.formats import E8M0_TAGS, OutFormat
 from chimera.checkpoint.fp8 import FP8, FP8_MAX
-from chimera.errors import ChimeraError
+from chimera.merge.kernels import non_finite
 
 
 def weighted_sum(xs: list[torch.Tensor], lams: list[float]) -> torch.Tensor:
@@ -37,10 +37,6 @@ def weighted_sum(xs: list[torch.Tensor], lams: list[float]) -> torch.Tensor:
     for x, lam in zip(xs, lams):
         acc = (x if lam == 1.0 else x.mul_(lam)) if acc is None else acc.add_(x, alpha=lam)
     return acc
-
-
-def non_finite(name: str) -> ChimeraError:
-    return ChimeraError(f"tensor {name}: the mix produced NaN/Inf (non-finite values in a parent?)")
 
 
 def encode_rows(acc: torch.Tensor, out: OutFormat, shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
@@ -93,13 +89,6 @@ def as_bytes(t: torch.Tensor) -> np.ndarray:
     return t.contiguous().view(torch.uint8).reshape(-1).numpy()
 
 
-def fused_applies(it, srcs) -> bool:
-    """The fused block kernel needs FP8 in and out, the output's block size, whole column blocks."""
-    return (it.fp8_out and it.out.dtype == "F32" and len(it.shape) == 2 and it.shape[0] > 0
-            and it.shape[1] % it.block == 0
-            and all(s.scale is not None and s.scale.dtype == "F32" and s.block == it.block for s in srcs))
-
-
 def mix_fp8_blocks(qs: list[torch.Tensor], ss: list[torch.Tensor], lams: torch.Tensor, ue8m0: bool = False,
                    block: int = 128) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """FP8 parents' row chunk [R, N] (N a multiple of `block`; a partial last row block is zero-padded,
@@ -120,9 +109,15 @@ def mix_fp8_blocks(qs: list[torch.Tensor], ss: list[torch.Tensor], lams: torch.T
     amax = torch.maximum(acc.amax(dim=(1, 3)), -acc.amin(dim=(1, 3)))      # [Rb, Nb]
     s = amax.clamp(min=1e-4) / FP8_MAX
     if ue8m0:
-        s = torch.exp2(torch.ceil(torch.log2(s)))
+        s = pow2_ceil(s)
     q = acc.div_(s[:, None, :, None]).clamp_(-FP8_MAX, FP8_MAX).to(FP8).view(rb * block, n)
     return (q[:r] if pad else q), s, amax
+
+
+def pow2_ceil(s: torch.Tensor) -> torch.Tensor:
+    """The smallest power of two >= s (s > 0), exactly: s = m * 2^e with m in [0.5, 1)."""
+    m, e = torch.frexp(s)
+    return torch.where(m == 0.5, s, torch.ldexp(torch.ones_like(s), e))
 
 
 _compiled = None
@@ -153,3 +148,4 @@ def compiled_mix_fp8_blocks():
         return fn(qs, ss, lams, ue8m0, block)
 
     return run
+

@@ -3,9 +3,14 @@
     threshold?  d = max_i d(P_i, B) over the whole tensor first; d < delta -> the base's version
     copy        the selected parent's stored bytes, chunk by chunk (kernel copy; its companions too: FP8
                 scale, MXFP4 scales, INT4 scale and shape)
-    cast, mix   per chunk: read rows as float32, acc = sum_i lambda_i * x_i, encode in the output's
-                format, write (FP8 in and out with whole 128-column blocks: the fused block kernel
-                instead, whatever the chunking, so the chunk size never changes the bytes)
+    cast, mix   per chunk, the next chunk's parents read ahead (`reader.Mapped`: views of the mapped
+                parent files, the next chunk advised in; `reader.Prefetcher` into pinned buffers for a GPU):
+                FP8 in and out, float32 scales, one block size    the fused block kernel
+                bf16 / f16 / f32 in, one of them out               the fused float kernel, in the stored dtype
+                anything else (MXFP4, INT4, bf16/E8M0 scales,      read rows as float32 (`decode`),
+                FP8 <-> float, ...)                                acc = sum_i lambda_i x_i, `mix.encode`
+                (which kernel depends on the tensor's formats, never on the chunking, so the chunk size
+                never changes the bytes); the fused kernels run where `mixer` says (`--device`)
     segments    a fused experts tensor split by an expert selector: each run of experts [lo, hi) is
                 copied (those rows of every stored part) or computed on its own
 
@@ -21,7 +26,7 @@ from chimera.merge.plan import Item
 
 
 def run_tensor(it: Item, out: ShardFile, *, compiled: bool = False, chunk_elems: int = CHUNK_ELEMS,
-               distances: bool = True) -> dict:
+               distances: bool = True, mixer=None) -> dict:
     """Write output tensor `it` into its slot of `out`; returns its record (class, op, lambdas, distance)."""
     rec: dict = {"class": it.cls, "op": it.op, "lambdas": dict(it.lambdas)}
     op, lams = it.op, it.lambdas
@@ -42,7 +47,7 @@ def run_tensor(it: Item, out: ShardFile, *, compiled: bool = False, chunk_elems:
             if sg.op == "copy":
                 _copy(it, out, it.source(sg.lambdas[0][0]).stored, rows, whole=False, measure=None)
             else:
-                _compute(it, out, sg.lambdas, rows, None, compiled)
+                _compute(it, out, sg.lambdas, rows, None, compiled, mixer)
             rec["segments"].append({"experts": [sg.lo, sg.hi - 1], "op": sg.op, "lambdas": dict(sg.lambdas)})
         measure = None
     else:
@@ -50,7 +55,7 @@ def run_tensor(it: Item, out: ShardFile, *, compiled: bool = False, chunk_elems:
         if op == "copy":
             _copy(it, out, it.source(lams[0][0]).stored, chunks, whole=True, measure=measure)
         else:
-            rec["kernel"] = _compute(it, out, lams, chunks, measure, compiled)
+            rec["kernel"] = _compute(it, out, lams, chunks, measure, compiled, mixer)
     if measure:
         dist = measure.value()
     if dist is not None:
@@ -81,43 +86,91 @@ def _copy_rows(out: ShardFile, name: str, info: TensorInfo, rows: tuple[int, int
     out.copy_from(name, info.file, start, nbytes, at=start - info.start)
 
 
-def _compute(it: Item, out: ShardFile, lams, chunks, measure: ToBase | None, compiled: bool) -> str:
-    """cast / mix, chunk by chunk; returns the kernel used ('fused-fp8' or 'generic')."""
+def _compute(it: Item, out: ShardFile, lams, chunks, measure: ToBase | None, compiled: bool, mixer) -> str:
+    """cast / mix, chunk by chunk; returns the kernel used ('fused-fp8', 'fused-float' or 'generic')."""
+    from chimera.merge import kernels
+
+    srcs = [it.source(p) for p, _ in lams]
+    if kernels.fused_applies(it, srcs):
+        return _fused(it, out, lams, chunks, measure, mixer, fp8=True)
+    if kernels.fused_float_applies(it, srcs):
+        return _fused(it, out, lams, chunks, measure, mixer, fp8=False)
+    return _generic(it, out, lams, chunks, measure)
+
+
+def _fused(it: Item, out: ShardFile, lams, chunks, measure: ToBase | None, mixer, fp8: bool) -> str:
+    """The fused kernels on the stored bytes: each chunk's reads (the mixed parents' rows, their scale
+    rows; every parent's rows when distances are measured) come from the reader one chunk ahead."""
+    import numpy as np
+
+    from chimera.merge import kernels
+    from chimera.merge.device import CpuMixer
+    from chimera.merge.reader import Mapped, Prefetcher
+
+    mixer = mixer or CpuMixer()
+    lam_list = [lam for _, lam in lams]
+    mixed = [p for p, _ in lams]
+    parents = sorted({p for p, _ in lams} | ({s.parent for s in it.sources} if measure else set()))
+    names = [name for _, name, _, _ in it.parts()]          # the weight's (and the FP8 scale's) output names
+    plan = []
+    for rows in chunks:
+        reads = [(it.source(p).weight, rows) for p in parents]
+        if fp8:
+            rs = (rows[0] // it.block, -(-rows[1] // it.block))
+            reads += [(it.source(p).scale, rs) for p in parents]
+        plan.append(reads)
+    buf = None  # the output chunk's bytes, reused from chunk to chunk
+    with (Prefetcher(plan, pinned=True) if mixer.pinned else Mapped(plan)) as chunks_read:
+        for rows, parts in zip(chunks, chunks_read):
+            r = (rows[1] - rows[0]) if rows else 1
+            if fp8:
+                codes = {p: parts[k].reshape(r, -1) for k, p in enumerate(parents)}
+                scales = {p: parts[len(parents) + k].view(np.float32).reshape(-(-r // it.block), -1)
+                          for k, p in enumerate(parents)}
+                q, sc, bad = mixer.mix_fp8([codes[p] for p in mixed], [scales[p] for p in mixed], lam_list,
+                                           it.ue8m0, it.block, buf)
+                if measure:
+                    measure.add(rows, {p: (codes[p], "FP8", scales[p], it.block) for p in parents})
+                writes = [(names[0], q, rows[0] * q.shape[1]),
+                          (names[1], sc, (rows[0] // it.block) * sc.shape[1] * 4)]
+            else:
+                shape = _rows_shape(it.shape, rows)
+                vals = {p: (parts[k].view(kernels.NUMPY[it.source(p).stored.dtype]).reshape(shape),
+                            it.source(p).stored.dtype) for k, p in enumerate(parents)}
+                res, bad = mixer.mix_float([vals[p][0] for p in mixed], [vals[p][1] for p in mixed], lam_list,
+                                           it.dtype, buf)
+                if measure:
+                    measure.add(rows, vals)
+                writes = [(names[0], res, (rows[0] * res.nbytes // max(r, 1)) if rows else 0)]
+            if bad:
+                raise kernels.non_finite(it.name)
+            out_chunk = writes[0][1]
+            if buf is None or out_chunk.nbytes > buf.nbytes:
+                buf = out_chunk.reshape(-1).view(np.uint8)
+            for name, data, at in writes:
+                out.write(name, data, at)
+    return "fused-fp8" if fp8 else "fused-float"
+
+
+def _rows_shape(shape: tuple[int, ...], rows: tuple[int, int] | None) -> tuple[int, ...]:
+    return shape if rows is None else (rows[1] - rows[0], *shape[1:])
+
+
+def _generic(it: Item, out: ShardFile, lams, chunks, measure: ToBase | None) -> str:
+    """Any formats: rows as float32 (`decode.read_array`), the float32 sum, `mix.encode` in the output's
+    format (FP8 with any scale dtype, MXFP4, INT4, a cast)."""
     import torch
 
     from chimera.checkpoint.decode import read_array
-    from chimera.checkpoint.files import read_tensor
     from chimera.merge import mix
 
-    srcs = [it.source(p) for p, _ in lams]
     lam_list = [lam for _, lam in lams]
-    fused = mix.fused_applies(it, srcs)
-    if fused:
-        kernel = mix.compiled_mix_fp8_blocks() if compiled else mix.mix_fp8_blocks
-        lam_t = torch.tensor(lam_list, dtype=torch.float32)
-        full = chunks[0][1] - chunks[0][0]
     for rows in chunks:
-        if fused:
-            if measure:
-                measure.add(rows)
-            # compiled kernels are specialized per shape: the tail chunk runs eager
-            k = kernel if rows[1] - rows[0] == full else mix.mix_fp8_blocks
-            rs = (rows[0] // it.block, -(-rows[1] // it.block))
-            qs = [read_tensor(s.weight, rows) for s in srcs]                   # [r, N] e4m3
-            ss = [read_tensor(s.scale, rs) for s in srcs]                      # [r/B, N/B] f32
-            q, sc, amax = k(qs, ss, lam_t, it.ue8m0, it.block)
-            if not bool(torch.isfinite(amax).all()):
-                raise mix.non_finite(it.name)
-            (_, wname, _, _), (_, sname, _, _) = it.parts()
-            parts = [(wname, mix.as_bytes(q), rows[0] * q.shape[1]),
-                     (sname, mix.as_bytes(sc), rs[0] * sc.shape[1] * 4)]
-        else:
-            need = {p for p, _ in lams} | ({s.parent for s in it.sources} if measure else set())
-            arrays = {p: read_array(it.source(p).stored, rows) for p in sorted(need)}
-            if measure:
-                measure.add(rows, arrays)                # before the sum scales the arrays in place
-            acc = mix.weighted_sum([torch.from_numpy(arrays[p]) for p, _ in lams], lam_list)
-            parts = mix.encode(acc, it, rows)
-        for name, data, at in parts:
+        need = {p for p, _ in lams} | ({s.parent for s in it.sources} if measure else set())
+        arrays = {p: read_array(it.source(p).stored, rows) for p in sorted(need)}
+        if measure:
+            measure.add(rows, arrays)                # before the sum scales the arrays in place
+        acc = mix.weighted_sum([torch.from_numpy(arrays[p]) for p, _ in lams], lam_list)
+        for name, data, at in mix.encode(acc, it, rows):
             out.write(name, data, at)
-    return "fused-fp8" if fused else "generic"
+    return "generic"
