@@ -55,7 +55,7 @@ import sys
 import numpy as np
 
 from chimera.merge import kernels, native
-from chimera.merge.mix import pow2_ceil
+from chimera.checkpoint.fp8 import pow2_ceil
 
 TAG = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
 
@@ -205,6 +205,82 @@ def test_e4m3_rounding_matches_torch_everywhere():
 def test_pow2_ceil_is_exact():
     s = torch.tensor([1.0, 0.75, 2**-20, 2**-20 * (1 + 2**-23), 3.0, 2.0 * (1 - 2**-24)], dtype=torch.float32)
     assert pow2_ceil(s).tolist() == [1.0, 1.0, 2**-20, 2**-19, 4.0, 2.0]
+
+
+def _ue8m0_rule(amax: float) -> float:
+    """The DeepSeek rule in exact rational arithmetic: the smallest power of two >= max(amax, 1e-4) / 448."""
+    from fractions import Fraction
+
+    x = Fraction(max(amax, float(np.float32(1e-4)))) / 448
+    p = Fraction(2) ** (x.numerator.bit_length() - x.denominator.bit_length() - 1)
+    while p < x:
+        p *= 2
+    while p / 2 >= x:
+        p /= 2
+    return float(p)
+
+
+def test_ue8m0_scales_agree_on_every_path():
+    """One ue8m0 rule everywhere: block amax values at and a few float32 ulps around 448 * 2^k (where
+    exp2(ceil(log2(s))) rounds down) give the same bytes from fp8.quantize (generic encode, convert), the C
+    encode and block mix, their torch fallbacks, torch's block kernel and the device path, and the scales are
+    the exact rule's."""
+    ks = range(-22, 4)
+    steps = (-3, -1, 0, 1, 2, 5)
+    targets = []
+    for k in ks:
+        for st in steps:
+            t = np.float32(448.0 * 2.0**k)
+            for _ in range(abs(st)):
+                t = np.nextafter(t, np.float32(np.inf if st > 0 else -np.inf))
+            targets.append(float(t))
+    targets += [1e-6, 5e-5]                                      # below the 1e-4 floor
+    nb_c = 2
+    rb = -(-len(targets) // nb_c)
+    shape = (rb * 128 - 61, nb_c * 128 - 37)                   # partial edge blocks in both directions
+    g = torch.Generator().manual_seed(5)
+    w = (torch.rand(shape, generator=g) * 2 - 1)                # [-1, 1): scaled per block below
+    amax = torch.zeros(rb, nb_c, dtype=torch.float32)
+    for i, t in enumerate(targets):
+        r, c = divmod(i, nb_c)
+        rows, cols = slice(r * 128, min(r * 128 + 128, shape[0])), slice(c * 128, min(c * 128 + 128, shape[1]))
+        w[rows, cols] *= t * 0.99
+        w[r * 128, c * 128] = t if i % 2 else -t               # the block's largest |value|, either sign
+        amax[r, c] = t
+    # (an exp2(ceil(log2(s))) implementation fails on these inputs: the test can tell the rules apart)
+    s_lin = torch.clamp(amax, min=1e-4) / 448
+    assert bool((torch.exp2(torch.ceil(torch.log2(s_lin))) < s_lin).any())
+    want = np.array([[_ue8m0_rule(float(a)) for a in row] for row in amax], dtype=np.float32)
+
+    q_t, s_t = fp8.quantize(w, ue8m0=True)                                  # generic encode / convert
+    assert np.array_equal(s_t.numpy(), want)
+    q_c, s_c, _ = kernels.encode_fp8(w.numpy(), ue8m0=True)                 # C encode
+    with native.disabled():
+        q_f, s_f, _ = kernels.encode_fp8(w.numpy(), ue8m0=True)             # its torch fallback
+    for q, s in ((q_c, s_c), (q_f, s_f)):
+        assert np.array_equal(s, want) and q.tobytes() == raw(q_t).tobytes()
+
+    # block mixes (a one-parent FP8 -> ue8m0 cast): parents whose decoded block maxima sit around 448 * 2^k
+    shape2 = (rb * 128 - 61, nb_c * 128)                        # torch's block kernel needs whole column blocks
+    q_in = torch.rand(shape2, generator=g).mul(400).to(torch.float8_e4m3fn)
+    q_in[::128, ::128] = 448.0
+    s_in = torch.from_numpy(np.array(targets + [1.0] * (rb * nb_c - len(targets)), dtype=np.float32)
+                            .reshape(rb, nb_c) / np.float32(448))
+    deq = fp8.dequantize(q_in, s_in)
+    rq, rs = fp8.quantize(deq, ue8m0=True)
+    args = ([raw(q_in)], [s_in.numpy()], [1.0], True, 128)
+    outs = [kernels.mix_fp8(*args)[:2], mixer("torch:cpu").mix_fp8(*args)[:2]]
+    with native.disabled():
+        outs.append(kernels.mix_fp8(*args)[:2])
+    from chimera.merge.mix import mix_fp8_blocks
+
+    q_b, s_b, _ = mix_fp8_blocks([q_in], [s_in], torch.tensor([1.0]), True)
+    outs.append((raw(q_b), s_b.numpy()))
+    exact = np.array([[_ue8m0_rule(float(a)) for a in row]
+                      for row in fp8._blocks(deq.abs(), 128)[0].amax(dim=(1, 3))], dtype=np.float32)
+    assert np.array_equal(rs.numpy(), exact)
+    for q, s in outs:
+        assert np.array_equal(s, rs.numpy()) and q.tobytes() == raw(rq).tobytes()
 
 
 def test_without_a_compiler_the_torch_path_runs(tmp_path):

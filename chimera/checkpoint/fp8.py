@@ -10,7 +10,8 @@ their own scale):
 Quantization of a float32 W, per block b (the inverse used by DeepSeek's `act_quant`/`weight_quant`):
 
     s_b = max(amax(|W_b|), 1e-4) / 448                      (448 = largest finite e4m3 value)
-    s_b = 2 ** ceil(log2(s_b))                              (only for `scale_fmt: ue8m0`)
+    s_b = pow2_ceil(s_b)                                    (only for `scale_fmt: ue8m0`: the smallest power of
+                                                             two >= s_b, exactly; see `pow2_ceil`)
     s_b = float(bf16(s_b))                                  (only for bf16/f16 stored scales: q uses the
                                                              scale as stored; a rounded-down scale can push
                                                              a block maximum past 448, which saturates)
@@ -46,6 +47,25 @@ def dequantize(q: torch.Tensor, s: torch.Tensor, block: int = BLOCK) -> torch.Te
     return w.view(qb.shape[0] * block, qb.shape[2] * block)[:m, :n]
 
 
+def pow2_ceil(s: torch.Tensor) -> torch.Tensor:
+    """The smallest power of two >= s, for float32 s > 0 (DeepSeek's `ue8m0` scale rule), exactly.
+
+    With s = m * 2^e, m in [0.5, 1) (`frexp`, exact on the float32 bits): s itself when m == 0.5 (s is a power
+    of two), else 2^e. This is what the C kernels compute on the bits (`kernels.c: block_scale`: a non-zero
+    mantissa rounds the exponent up). `exp2(ceil(log2(s)))` is not: log2 rounds, so an s just above 2^k can
+    give 2^k (the scale then rounds *down* and the block's largest value saturates at 448).
+    Since 448 = 7 * 2^6 has three significant bits, s = fl(amax / 448) is above 2^k exactly when amax / 448 is,
+    so this is also the smallest power of two >= amax / 448 itself.
+    """
+    m, e = torch.frexp(s)
+    return torch.where(m == 0.5, s, torch.ldexp(torch.ones_like(s), e))
+
+
+def e8m0_bytes(s: torch.Tensor) -> torch.Tensor:
+    """Power-of-two float32 scales -> their E8M0 bytes (the biased exponent): 2^k -> k + 127."""
+    return (torch.frexp(s)[1] - 1 + 127).to(torch.uint8)
+
+
 def quantize(w: torch.Tensor, block: int = BLOCK, ue8m0: bool = False,
              scale_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """float32 [M, N] -> (float8_e4m3fn codes [M, N], scales [Mb, Nb] in `scale_dtype`).
@@ -58,7 +78,7 @@ def quantize(w: torch.Tensor, block: int = BLOCK, ue8m0: bool = False,
         raise FloatingPointError("non-finite value")
     s = amax.clamp(min=1e-4) / FP8_MAX                      # [Mb, Nb]
     if ue8m0:
-        s = torch.exp2(torch.ceil(torch.log2(s)))
+        s = pow2_ceil(s)
     stored = s.to(scale_dtype)
     q = (wb / stored.to(torch.float32)[:, None, :, None]).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
     q = q.view(wb.shape[0] * block, wb.shape[2] * block)[:m, :n].contiguous()

@@ -194,14 +194,13 @@ def encode_fp8(w: np.ndarray, block: int = 128, ue8m0: bool = False) -> tuple[np
         import torch
 
         from chimera.checkpoint import fp8
-        from chimera.merge.mix import pow2_ceil
 
         wt = torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32))
         wb, _, _ = fp8._blocks(wt, block)                                     # [Rb, B, Nb, B]
         amax = wb.abs().amax(dim=(1, 3))
         bad = not bool(torch.isfinite(amax).all())
         s = amax.clamp(min=1e-4) / fp8.FP8_MAX
-        s = pow2_ceil(s) if ue8m0 else s
+        s = fp8.pow2_ceil(s) if ue8m0 else s
         q = (wb / s[:, None, :, None]).clamp_(-fp8.FP8_MAX, fp8.FP8_MAX).to(fp8.FP8)
         q = q.view(rb * block, nb * block)[:r, :n].contiguous()
         return q.view(torch.uint8).numpy(), s.numpy(), bad

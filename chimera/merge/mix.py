@@ -48,7 +48,7 @@ def encode_rows(acc: torch.Tensor, out: OutFormat, shape: tuple[int, ...]) -> di
     if out.format == "fp8_block":
         if out.dtype in E8M0_TAGS:                                  # powers of two as E8M0 bytes
             q, s = fp8.quantize(acc, out.block, True)
-            s = (torch.log2(s).round().to(torch.int32) + 127).to(torch.uint8)
+            s = fp8.e8m0_bytes(s)
         else:                                                       # [r, N] e4m3, [r/B, Nb] f32/bf16/f16
             q, s = fp8.quantize(acc, out.block, out.ue8m0, torch_dtype(out.dtype))
         return {"weight": q, "scale": s}
@@ -109,15 +109,9 @@ def mix_fp8_blocks(qs: list[torch.Tensor], ss: list[torch.Tensor], lams: torch.T
     amax = torch.maximum(acc.amax(dim=(1, 3)), -acc.amin(dim=(1, 3)))      # [Rb, Nb]
     s = amax.clamp(min=1e-4) / FP8_MAX
     if ue8m0:
-        s = pow2_ceil(s)
+        s = fp8.pow2_ceil(s)
     q = acc.div_(s[:, None, :, None]).clamp_(-FP8_MAX, FP8_MAX).to(FP8).view(rb * block, n)
     return (q[:r] if pad else q), s, amax
-
-
-def pow2_ceil(s: torch.Tensor) -> torch.Tensor:
-    """The smallest power of two >= s (s > 0), exactly: s = m * 2^e with m in [0.5, 1)."""
-    m, e = torch.frexp(s)
-    return torch.where(m == 0.5, s, torch.ldexp(torch.ones_like(s), e))
 
 
 _compiled = None
