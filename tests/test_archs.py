@@ -234,3 +234,129 @@ def test_expert_and_router_tensors_for_pruning(parents):
     ex, _ = api("llama4", 1, 2)
     assert ex == {("language_model.model.layers.1.feed_forward.experts.gate_up_proj", 0),
                   ("language_model.model.layers.1.feed_forward.experts.down_proj", 0)}
+
+
+# ------------------------------------------------------------------ the derivation cached as data (archcache)
+from chimera.checkpoint import archcache  # noqa: E402
+
+
+def _derived(cfg, names):
+    a = arch_mod.of(cfg)
+    return {n: (None if r is None else (r.cls, r.layer, r.expert, r.fused)) for n, r in ((n, a.role(n)) for n in names)}
+
+
+def _tabled(t, names):
+    return {n: (None if r is None else (r.cls, r.layer, r.expert, r.fused)) for n, r in ((n, t.role(n)) for n in names)}
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("CHIMERA_CACHE", str(tmp_path / "cache"))
+    archcache._memo.clear()
+    yield tmp_path / "cache" / "arch"
+    archcache._memo.clear()
+
+
+def _no_derivation(monkeypatch):
+    def refuse(cfg):
+        raise AssertionError("derivation ran on a cache hit")
+    monkeypatch.setattr(arch_mod, "of", refuse)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_cached_table_gives_the_derivations_roles(arch, parents, cache, monkeypatch):
+    """For every on-disk name of both tiny parents (and MTP / release names for the configs that have them), the
+    table read back from the cache file -- in a state where the derivation can't run -- answers exactly what the
+    derivation does: class, layer, expert, fused."""
+    import moe_tiny
+
+    cks = [Checkpoint(parents[arch][0]), Checkpoint(parents[arch][1])]
+    cfg = cks[0].config
+    names = sorted(set(cks[0].logical()) | set(cks[1].logical()))
+    extra = {"qwen3_next": ["mtp.fc.weight", "mtp.layers.0.mlp.experts.3.up_proj.weight", "mtp.norm.weight",
+                            "mtp.layers.0.self_attn.q_proj.weight", "mtp.layers.0.mlp.shared_expert_gate.weight"],
+             "deepseek_v4": ["mtp.0.ffn.experts.5.w1.weight", "mtp.0.enorm.weight", "embed.weight", "head.weight",
+                             "layers.2.ffn.experts.4.w3.weight", "layers.1.hc_ffn_scale", "hc_head_fn"],
+             "glm4_moe": ["model.layers.3.eh_proj.weight", "model.layers.3.mlp.shared_experts.up_proj.weight",
+                          "model.layers.3.mlp.experts.1.up_proj.weight"]}.get(arch, [])
+    if extra:
+        cfg = moe_tiny.tiny_config(arch).to_dict() if arch != "glm4_moe" else cfg
+    want = _derived(cfg, names + extra)
+    assert archcache.table(cfg, names).moe == {L: b.num_experts for L, b in arch_mod.of(cfg).moe.items()}
+    archcache.table(cfg, extra)                      # a second batch of names joins the same entry
+    (f,) = cache.glob("*.json")
+    archcache._memo.clear()
+    _no_derivation(monkeypatch)
+    t = archcache.table(cfg, names + extra)
+    assert _tabled(t, names + extra) == want
+    assert len(f.read_text()) < 40_000               # compact: layer and expert indices abstracted
+
+
+def test_cache_is_exact_about_what_it_has_seen(cache, monkeypatch):
+    """A name, layer or expert index the table has not been asked about is a miss (the derivation answers and is
+    added); an entry is never used for another transformers version, another config, or a file whose stored key
+    differs; a plan on a warm cache imports no torch."""
+    sd, cfg = ckpt.ds_state(0, mtp=True)
+    n = cfg["num_hidden_layers"]
+    names = sorted(k for k in sd if not k.endswith("_scale_inv"))
+    first = [k for k in names if ".layers.1." in k and not re.search(r"experts\.[4-9]\.", k)]
+    t = archcache.table(cfg, first)
+    assert t.covers(first)
+    assert t.covers(["model.layers.1.mlp.experts.2.up_proj.weight"])
+    for missing in ("model.layers.2.mlp.experts.0.up_proj.weight",        # another layer
+                    f"model.layers.{n}.enorm.weight",                      # an MTP layer
+                    "model.layers.1.mlp.experts.6.up_proj.weight",         # above the experts it has seen
+                    "model.embed_tokens.weight"):
+        assert not t.covers([missing]), missing
+    calls = []
+    real = arch_mod.of
+    monkeypatch.setattr(arch_mod, "of", lambda c: calls.append(1) or real(c))
+    archcache._memo.clear()
+    t = archcache.table(cfg, names)
+    assert calls and _tabled(t, names) == _derived(cfg, names)
+    files = list(cache.glob("*.json"))
+    assert len(files) == 1
+
+    def hit(c) -> bool:
+        archcache._memo.clear()
+        calls.clear()
+        archcache.table(c, names)
+        return not calls
+
+    assert hit(cfg)
+    # another transformers version: another key, another file; the old entry stays unused
+    v = archcache._version
+    monkeypatch.setattr(archcache, "_version", lambda d: "0.0.0-other" if d == "transformers" else v(d))
+    assert not hit(cfg) and len(list(cache.glob("*.json"))) == 2
+    monkeypatch.setattr(archcache, "_version", v)
+    # another config (a key the derivation passes to transformers), and the one that changes classes
+    assert not hit({**cfg, "first_k_dense_replace": 2})
+    assert _tabled(archcache.table({**cfg, "first_k_dense_replace": 2}, names), names) == \
+        _derived({**cfg, "first_k_dense_replace": 2}, names)
+    assert archcache.table({**cfg, "first_k_dense_replace": 2}, names).role(
+        "model.layers.1.mlp.experts.0.up_proj.weight") is None          # layer 1 is dense there
+    # keys the derivation drops (quantization, provenance) share the entry
+    assert hit({**cfg, "_name_or_path": "elsewhere", "transformers_version": "9.9"})
+    # a file whose stored key is not the one asked for is ignored
+    d = json.loads(files[0].read_text())
+    d["key"]["transformers"] = "0.0.0-other"
+    files[0].write_text(json.dumps(d))
+    assert not hit(cfg)
+
+
+def test_plan_on_a_warm_cache_imports_no_torch(ds_pair, tmp_path):
+    import subprocess
+    import sys
+
+    a, b, *_ = ds_pair
+    r = tmp_path / "r.yaml"
+    r.write_text(yaml.safe_dump({"parents": {"v3": str(a), "r1": str(b)}, "base": "v3",
+                                 "weights": {"default": {"v3": 0.5, "r1": 0.5}}}))
+    code = ("import sys; from chimera.merge import build_plan, load; p = build_plan(load(sys.argv[1])); "
+            "print(len(p.items), 'torch' in sys.modules, 'transformers' in sys.modules)")
+    env = {**__import__("os").environ, "CHIMERA_CACHE": str(tmp_path / "cache")}
+    runs = [subprocess.run([sys.executable, "-c", code, str(r)], capture_output=True, text=True, env=env)
+            for _ in range(2)]
+    assert all(p.returncode == 0 for p in runs), runs[0].stderr + runs[1].stderr
+    cold, warm = (p.stdout.split() for p in runs)
+    assert cold[1:] == ["True", "True"] and warm[1:] == ["False", "False"] and cold[0] == warm[0]

@@ -142,19 +142,31 @@ def test_every_tensor_records_its_distance(ds_pair, tmp_path):
 
 
 def test_pure_selection_computes_nothing(ds_pair, tmp_path):
-    """Planning builds the architecture on the meta device (torch + transformers, `checkpoint/arch.py`); after
-    that a pure selection encodes and computes nothing: no arithmetic module is loaded, every tensor is a copy."""
+    """A pure selection imports no torch (nor transformers): planning reads the architecture's roles from the
+    cached table (`checkpoint/archcache.py`, warmed here by a first plan, which derives them with torch), the
+    copies are kernel copies and the distances are summed from the FP8 codes by the C kernel. No arithmetic
+    module is loaded and every tensor is a copy."""
+    import os
+
     a, b, *_ = ds_pair
     r = recipe(tmp_path, {"parents": {"v3": str(a), "r1": str(b)}, "base": "v3",
                           "weights": {"default": {"v3": 1.0}, "routed_experts": {"r1": 1.0}}})
-    code = ("import sys; from chimera.merge import merge; res = merge(sys.argv[1], sys.argv[2], distances=False); "
-            "print(sorted(res.ops), sorted(m for m in sys.modules if m in ('chimera.merge.mix', "
-            "'chimera.checkpoint.fp8', 'chimera.checkpoint.mxfp4', 'chimera.checkpoint.int4')))")
-    p = subprocess.run([sys.executable, "-c", code, str(r), str(tmp_path / "child")], capture_output=True, text=True)
+    env = {**os.environ, "CHIMERA_CACHE": str(tmp_path / "cache")}
+    warm = subprocess.run([sys.executable, "-c", "import sys; from chimera.merge import build_plan, load; "
+                           "build_plan(load(sys.argv[1]))", str(r)], capture_output=True, text=True, env=env)
+    assert warm.returncode == 0, warm.stderr
+    code = ("import sys; from chimera.merge import merge; res = merge(sys.argv[1], sys.argv[2]); "
+            "print(sorted(res.ops), sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers') "
+            "or m in ('chimera.merge.mix', 'chimera.checkpoint.fp8', 'chimera.checkpoint.mxfp4', "
+            "'chimera.checkpoint.int4')))")
+    p = subprocess.run([sys.executable, "-c", code, str(r), str(tmp_path / "child")], capture_output=True, text=True,
+                       env=env)
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip().splitlines()[-1] == "['copy'] []"
     got, pa, pb = ckpt.raw(tmp_path / "child"), ckpt.raw(a), ckpt.raw(b)
     assert all(got[k] in (pa[k], pb[k]) for k in got)
+    rec = json.loads((tmp_path / "child" / "chimera_merge.json").read_text())
+    assert rec["tensors"] and all("distance" in t for t in rec["tensors"].values())
 
 
 # ------------------------------------------------------------------ full disks

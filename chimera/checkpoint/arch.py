@@ -25,8 +25,9 @@ checkpoint-conversion rules (the renames and expert fusions `from_pretrained` ap
 
 Why derived rather than tables: the names on disk are whatever transformers' loader accepts, which the
 library itself defines per model (and keeps current); a table per architecture would duplicate that and
-drift. The price: planning needs torch + transformers (both core dependencies) and about a second for a
-meta build; names transformers does not load (MTP, quantization companions) need the rules above.
+drift. The price: the derivation needs torch + transformers (both core dependencies, 4-8 s to import and
+build); planning reads its answers from a cache (`archcache.py`) and runs it only for names it hasn't seen.
+Names transformers does not load (MTP, quantization companions) need the rules above.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Build (once per machine) and load `kernels.c`, chimera's fused CPU merge kernels, through ctypes.
 
 The library is compiled with the system C compiler (`$CC`, else `cc`) on first use and cached in
-`$CHIMERA_CACHE` (default `~/.cache/chimera`) under a hash of the source, the compiler, its flags and
+`chimera.cache.cache_root()` (`$CHIMERA_CACHE`, default `~/.cache/chimera`) under a hash of the source, the compiler, its flags and
 the CPU, so later runs only `dlopen` it (about a millisecond). Concurrent first uses are safe (each
 builds under a temporary name; the rename is atomic). Without a compiler, or with `CHIMERA_NATIVE=0`,
 `lib()` is None and the merge runs its torch path, which gives the same bytes, slower.
@@ -22,6 +22,8 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
+
+from chimera.cache import cache_root
 
 SOURCE = Path(__file__).with_name("kernels.c")
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared", "-std=gnu11"]
@@ -47,9 +49,7 @@ SIGNATURES = {
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("CHIMERA_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "chimera")
-    return Path(root) / "kernels"
+    return cache_root() / "kernels"
 
 
 def _cpu_id() -> str:

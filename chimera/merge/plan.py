@@ -35,7 +35,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from chimera.checkpoint import arch
+from chimera.checkpoint import archcache
 from chimera.checkpoint.files import FLOAT_TAGS, Checkpoint
 from chimera.checkpoint.formats import OutFormat, Stored, block_format
 from chimera.checkpoint.writer import Slot, shard_size
@@ -323,7 +323,7 @@ def _segments(recipe: Recipe, name: str, cls: str | None, n_experts: int, stored
     return tuple(segs)
 
 
-def _check_selectors(recipe: Recipe, names, a: arch.Arch) -> None:
+def _check_selectors(recipe: Recipe, names, a: archcache.Table) -> None:
     """Every expert selector names routed experts that exist: one-line errors otherwise."""
     paths: dict[str, int] = {}
     for n in names:
@@ -363,7 +363,9 @@ def build_plan(recipe: Recipe) -> Plan:
     and sources. Reads config files and safetensors headers only."""
     cks = {name: Checkpoint(path) for name, path in recipe.parents.items()}
     for name, ck in cks.items():
-        if not arch.of(ck.config).moe:  # one-line ChimeraError if transformers can't build it
+        # the derived architecture (torch + transformers on a miss; a cached table otherwise); a one-line
+        # ChimeraError if transformers can't build it
+        if not archcache.table(ck.config, ck.stored).moe:
             raise ChimeraError(f"{ck.path / 'config.json'}: model_type {ck.model_type!r} has no MoE layers")
     _check_compatible(cks, recipe.base)
     resolved = _check_agreement(cks, recipe)
@@ -372,7 +374,7 @@ def build_plan(recipe: Recipe) -> Plan:
     out_block, out_ue8m0 = block_format(config.get("quantization_config"), "output config")
     stored = {n: ck.stored for n, ck in cks.items()}
     metric = recipe.threshold.metric if recipe.threshold else "relative"
-    base_arch = arch.of(base_ck.config)
+    base_arch = archcache.table(base_ck.config, stored[recipe.base])
     _check_selectors(recipe, stored[recipe.base], base_arch)
     items: list[Item] = []
     unknown: list[str] = []
