@@ -449,3 +449,48 @@ def test_compiled_kernel_in_a_merge_matches_eager(wide, tmp_path):
             assert int(((c1 & 0x7F) - (c2 & 0x7F)).abs().max()) <= 1, n
         else:
             assert torch.equal(g_on[n], g_off[n]), n
+
+
+# ------------------------------------------------------------------ a parent truncated during the merge
+
+TRUNCATE = r"""
+import os, sys
+from pathlib import Path
+from chimera.merge import kernels
+kernel, parent, recipe, out = sys.argv[1:5]
+real = getattr(kernels, kernel)
+done = []
+
+def truncating(*args, **kw):  # someone else truncates the parent while the kernel reads it through its mapping
+    if not done:
+        for f in Path(parent).glob("*.safetensors"):
+            os.truncate(f, 0)
+        done.append(1)
+    return real(*args, **kw)
+
+setattr(kernels, kernel, truncating)
+from chimera.cli import main
+main(["merge", recipe, "-o", out])
+"""
+
+
+@pytest.mark.parametrize("kernel, weights", [
+    ("norms_fp8", {"default": {"a": 1.0}, "routed_experts": {"b": 1.0}}),      # a copy's distance sums
+    ("mix_fp8", {"default": {"a": 0.5, "b": 0.5}}),                             # the fused FP8 mix
+])
+def test_parent_truncated_during_the_merge(wide, tmp_path, kernel, weights):
+    """A parent file truncated by another process while a C kernel reads it through its mapping: the SIGBUS is
+    caught in the kernel call and the merge ends with one line naming the file, exit status 2, nothing final."""
+    a, b = (shutil.copytree(wide[k], tmp_path / k) for k in ("a", "b"))
+    r = recipe(tmp_path, {"parents": {"a": str(a), "b": str(b)}, "base": "a", "weights": weights})
+    p = subprocess.run([sys.executable, "-c", TRUNCATE, kernel, str(b), str(r), str(tmp_path / "child")],
+                       capture_output=True, text=True)
+    assert p.returncode == 2, (p.returncode, p.stderr[-2000:])
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in p.stderr, p.stderr
+    # the kernel's SIGBUS (caught), or the kernel copy running into the new end first (a copy's distances run
+    # on another thread, so either can see the truncation first)
+    assert str(b / "model.safetensors") in lines[0], lines[0]
+    assert "shrank while tensor" in lines[0] or (kernel == "norms_fp8" and "short read" in lines[0]), lines[0]
+    assert not (tmp_path / "child" / "config.json").exists()
+    assert not list((tmp_path / "child").glob("*.index.json"))

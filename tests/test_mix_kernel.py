@@ -408,3 +408,26 @@ def test_norms_fp8_vector_path_gives_the_portable_bits(tmp_path):
                 assert got == pytest.approx(list(sums["portable"]), rel=1e-12)
             else:
                 assert math.isnan(got[0]) and math.isnan(got[1 if nan == ("a",) else 2])
+
+
+def test_truncated_mapping_is_an_error_not_a_crash(tmp_path):
+    """A SIGBUS inside a kernel call (a page of a mapped file past its new end) returns from the call as
+    native.FileChanged; the process lives on and the kernels keep working."""
+    import mmap
+
+    f = tmp_path / "parent.bin"
+    q = np.random.default_rng(0).integers(0, 0x7E, (512, 256), dtype=np.uint8)
+    f.write_bytes(q.tobytes())
+    s = np.full((4, 2), 1e-3, dtype=np.float32)
+    with open(f, "rb") as fh:
+        mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    view = np.frombuffer(mm, np.uint8).reshape(512, 256)
+    assert kernels.norms_fp8(view, s, q, s)[0] == 0.0
+    os.truncate(f, 4096)
+    with pytest.raises(native.FileChanged):
+        kernels.norms_fp8(view, s, q, s)
+    with pytest.raises(native.FileChanged):
+        kernels.mix_fp8([view, q], [s, s], [0.5, 0.5])
+    assert kernels.norms_fp8(q, s, q, s)[0] == 0.0
+    del view
+    mm.close()

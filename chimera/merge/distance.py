@@ -124,14 +124,34 @@ def stored_values(stored, rows: tuple[int, int] | None, mapped=None) -> tuple:
 
 
 class ToBase:
-    """max_i d(P_i, B) of one output tensor, fed chunk by chunk (`add`), for every non-base parent."""
+    """max_i d(P_i, B) of one output tensor, fed chunk by chunk (`add`), for every non-base parent.
 
-    def __init__(self, item):
+    `add_later` queues a chunk on `worker` (one thread: chunks are summed in the order they were queued, so
+    the float64 sums are the same as `add`'s); `value` waits for the queued chunks. A copy uses it so the
+    distance sums run on another core while the kernel copies the bytes."""
+
+    def __init__(self, item, worker=None):
         from chimera.merge.reader import Mapped
 
         self.item = item
         self.norms = {s.parent: Norms() for s in item.others}
         self.mapped = Mapped([])  # the parents' files, mapped once per tensor
+        self.worker = worker
+        self.queued: list = []
+
+    def add_later(self, rows: tuple[int, int] | None) -> None:
+        if self.worker is None:
+            self.add(rows)
+        else:
+            self.queued.append(self.worker.submit(self.add, rows))
+
+    def close(self) -> None:
+        """Unmap the parents' files (after the last chunk: queued behind it on the worker). Mapped pages count
+        in the process's resident memory while they stay mapped."""
+        if self.worker is None:
+            self.mapped.__exit__()
+        else:
+            self.queued.append(self.worker.submit(self.mapped.__exit__))
 
     def add(self, rows: tuple[int, int] | None, arrays: dict | None = None) -> None:
         """Add rows [r0, r1); `arrays` may hold parents' values of those rows already read: float32
@@ -156,8 +176,13 @@ class ToBase:
                 (fa, ta), (fb, tb) = as_float(a), as_float(b)
                 sums = kernels.norms(fa, ta, fb, tb)
             n.add_sums(*sums, a[0].size)
+        a = b = None  # drop the views before unmapping
+        self.mapped.__exit__()  # unmapped after each chunk: resident memory stays one chunk per parent
 
     def value(self, metric: str | None = None) -> float:
+        for f in self.queued:
+            f.result()
+        self.queued.clear()
         metric = metric or self.item.metric
         return max((n.distance(metric) for n in self.norms.values()), default=0.0)
 
@@ -168,4 +193,5 @@ def distance_to_base(item, metric: str | None = None, chunk_elems: int = CHUNK_E
     if acc.norms:
         for rows in row_chunks(item.shape, item.align, chunk_elems):
             acc.add(rows)
+    acc.close()
     return acc.value(metric)

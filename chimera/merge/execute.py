@@ -22,7 +22,7 @@ from chimera.merge.distance import CHUNK_ELEMS
 from chimera.merge.executor import Executor, map_unordered
 from chimera.merge.output import Output, count_ops, finished
 from chimera.merge.plan import Plan, ShardJob
-from chimera.merge.tensor import run_tensor
+from chimera.merge.tensor import finish_distances, run_tensor
 
 
 def run_job(job: ShardJob, out_dir: Path, on_bytes: Callable[[int], None] | None = None,
@@ -32,21 +32,30 @@ def run_job(job: ShardJob, out_dir: Path, on_bytes: Callable[[int], None] | None
 
     Any failure (a full disk included) removes the temp file and raises a one-line ChimeraError
     naming the file; shards finished before stay."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from chimera.merge.device import mixer
 
     m = mixer(device, compiled)
     f = ShardFile(Path(out_dir) / job.filename, job.slots(), run_id)
     records: dict[str, dict] = {}
+    # copies' distance sums run on this thread, in tensor order, while the kernel copies (on another core)
+    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chimera-distance") if distances else None
+    pending: list = []
     try:
         for it in job.items:
             records[it.name] = run_tensor(it, f, compiled=compiled, chunk_elems=chunk_elems, distances=distances,
-                                          mixer=m)
+                                          mixer=m, worker=worker, pending=pending)
             if on_bytes:
                 on_bytes(it.nbytes)
+        finish_distances(pending)
         f.commit()
     except BaseException:
         f.abort()
         raise
+    finally:
+        if worker is not None:
+            worker.shutdown(wait=True, cancel_futures=True)
     return records
 
 

@@ -13,9 +13,14 @@
  *                q = e4m3fn_rne(clamp(acc / s_b, -448, 448))
  *
  * Rounding to bf16 and to e4m3fn is round-to-nearest-even, as torch's conversions. Every function
- * returns 1 if a non-finite value was produced (NaN/Inf in a parent), else 0.
+ * returns 1 if a non-finite value was produced (NaN/Inf in a parent), else 0, and FILE_GONE (-2) if it
+ * touched a page of a mapped parent file that no longer exists (the file was truncated by someone else
+ * while it was read): a SIGBUS inside a kernel call is caught (`guard_install`) and that call returns,
+ * instead of the signal ending the process.
  */
 #include <math.h>
+#include <setjmp.h>
+#include <signal.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -23,6 +28,41 @@ enum { F32 = 0, BF16 = 1, F16 = 2 };
 #define FP8_MAX 448.0f
 #define MAX_PARENTS 16
 #define MAX_BLOCK 256
+#define FILE_GONE (-2)
+
+/* SIGBUS from a mapped file that shrank: jump back out of the kernel call that touched it (each thread has its
+ * own jump target; a SIGBUS outside a kernel call gets the previous handler, i.e. the usual crash). */
+static __thread sigjmp_buf guard_jb;
+static __thread volatile sig_atomic_t guard_on;
+static struct sigaction prev_bus;
+
+static void on_sigbus(int sig, siginfo_t *info, void *ctx) {
+    (void)sig; (void)info; (void)ctx;
+    if (guard_on) {
+        guard_on = 0;
+        siglongjmp(guard_jb, 1);
+    }
+    sigaction(SIGBUS, &prev_bus, NULL);  /* not ours: the faulting access repeats under the previous handler */
+}
+
+int guard_install(void) {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_sigaction = on_sigbus;
+    sa.sa_flags = SA_SIGINFO | SA_NODEFER;   /* not masked while handled: nothing to restore after the jump */
+    sigemptyset(&sa.sa_mask);
+    return sigaction(SIGBUS, &sa, &prev_bus);
+}
+
+/* the kernels are called from here, not inlined: a function that calls sigsetjmp is optimized less */
+#define GUARDED(call)                                    \
+    do {                                                 \
+        if (sigsetjmp(guard_jb, 0)) return FILE_GONE;    \
+        guard_on = 1;                                    \
+        int r_ = (call);                                 \
+        guard_on = 0;                                    \
+        return r_;                                       \
+    } while (0)
 
 static inline uint32_t f2u(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
 static inline float u2f(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
@@ -99,7 +139,7 @@ static uint32_t store(void *out, int dt, int64_t a, int len, const float *acc) {
 
 /* out[i] = sum_k l_k x_k[i] for i in [start, stop): k parents of dtypes dts, output dtype out_dt,
  * through a float32 tile of TILE elements (in L1) */
-int mix_float(int64_t start, int64_t stop, int k, const void *const *xs, const int *dts, const float *lams,
+static __attribute__((noinline)) int mix_float_impl(int64_t start, int64_t stop, int k, const void *const *xs, const int *dts, const float *lams,
               void *out, int out_dt) {
     float acc[TILE];
     uint32_t bad = 0;
@@ -115,7 +155,7 @@ int mix_float(int64_t start, int64_t stop, int k, const void *const *xs, const i
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 __attribute__((target("prefer-vector-width=512")))
 #endif
-int mix2_bf16(int64_t start, int64_t stop, const uint16_t *x, const uint16_t *y, float l0, float l1,
+static __attribute__((noinline)) int mix2_bf16_impl(int64_t start, int64_t stop, const uint16_t *x, const uint16_t *y, float l0, float l1,
               uint16_t *out) {
     uint32_t bad = 0;
     for (int64_t i = start; i < stop; i++) {
@@ -127,7 +167,7 @@ int mix2_bf16(int64_t start, int64_t stop, const uint16_t *x, const uint16_t *y,
 }
 
 /* DeepSeek block FP8 [R, N] (scales [ceil(R/b), ceil(N/b)]) -> float32, rows [r0, r1) */
-int decode_fp8(int64_t r0, int64_t r1, int64_t n, const uint8_t *q, const float *s, int64_t nb, int block,
+static __attribute__((noinline)) int decode_fp8_impl(int64_t r0, int64_t r1, int64_t n, const uint8_t *q, const float *s, int64_t nb, int block,
                float *out) {
     init_lut();
     uint32_t bad = 0;
@@ -169,7 +209,7 @@ static float encode_tile(const float *tile, int bm, int bn, int ld, float amax, 
 
 /* K FP8 parents [R, N] with block scales -> mixed, re-quantized FP8 + scales; row blocks [rb0, rb1).
  * Parents and output share one block size b; edge blocks are partial. */
-int mix_fp8(int64_t rb0, int64_t rb1, int64_t rows, int64_t n, int k, const uint8_t *const *qs,
+static __attribute__((noinline)) int mix_fp8_impl(int64_t rb0, int64_t rb1, int64_t rows, int64_t n, int k, const uint8_t *const *qs,
             const float *const *ss, const float *lams, int ue8m0, int block, uint8_t *q_out, float *s_out) {
     init_lut();
     if (k > MAX_PARENTS || block > MAX_BLOCK) return -1;
@@ -208,7 +248,7 @@ int mix_fp8(int64_t rb0, int64_t rb1, int64_t rows, int64_t n, int k, const uint
 }
 
 /* float32 [R, N] -> FP8 codes + block scales, row blocks [rb0, rb1) (quantize a cast or a generic mix) */
-int encode_fp8(int64_t rb0, int64_t rb1, int64_t rows, int64_t n, const float *w, int ue8m0, int block,
+static __attribute__((noinline)) int encode_fp8_impl(int64_t rb0, int64_t rb1, int64_t rows, int64_t n, const float *w, int ue8m0, int block,
                uint8_t *q_out, float *s_out) {
     if (block > MAX_BLOCK) return -1;
     int64_t nb = (n + block - 1) / block;
@@ -235,7 +275,7 @@ int encode_fp8(int64_t rb0, int64_t rb1, int64_t rows, int64_t n, const float *w
 
 /* distances: over i in [start, stop) the float64 sums of (a_i - b_i)^2, a_i^2 and b_i^2, into out[3]
  * (a and b of dtypes adt, bdt; each value widened exactly to float64, as numpy's astype does) */
-int norms_float(int64_t start, int64_t stop, const void *a, int adt, const void *b, int bdt, double *out) {
+static __attribute__((noinline)) int norms_float_impl(int64_t start, int64_t stop, const void *a, int adt, const void *b, int bdt, double *out) {
     float ta[TILE], tb[TILE];
     double d2[8] = {0}, a2[8] = {0}, b2[8] = {0};   /* 8 independent lanes: the sums vectorize */
     for (int64_t s = start; s < stop; s += TILE) {
@@ -285,7 +325,7 @@ static inline __m512d hi_pd(__m512 x) {
 }
 #endif
 
-int norms_fp8(int64_t r0, int64_t r1, int64_t n, const uint8_t *qa, const float *sa, const uint8_t *qb,
+static __attribute__((noinline)) int norms_fp8_impl(int64_t r0, int64_t r1, int64_t n, const uint8_t *qa, const float *sa, const uint8_t *qb,
               const float *sb, int64_t nb, int block, double *out) {
     init_lut();
     float ta[MAX_BLOCK], tb[MAX_BLOCK];
@@ -357,4 +397,38 @@ int norms_fp8(int64_t r0, int64_t r1, int64_t n, const uint8_t *qa, const float 
     if (nan_b) out[0] = out[2] = NAN;
 #endif
     return 0;
+}
+
+int mix_float(int64_t start, int64_t stop, int k, const void *const *xs, const int *dts, const float *lams,
+              void *out, int out_dt) {
+    GUARDED(mix_float_impl(start, stop, k, xs, dts, lams, out, out_dt));
+}
+
+int mix2_bf16(int64_t start, int64_t stop, const uint16_t *x, const uint16_t *y, float l0, float l1,
+              uint16_t *out) {
+    GUARDED(mix2_bf16_impl(start, stop, x, y, l0, l1, out));
+}
+
+int decode_fp8(int64_t r0, int64_t r1, int64_t n, const uint8_t *q, const float *s, int64_t nb, int block,
+               float *out) {
+    GUARDED(decode_fp8_impl(r0, r1, n, q, s, nb, block, out));
+}
+
+int mix_fp8(int64_t rb0, int64_t rb1, int64_t rows, int64_t n, int k, const uint8_t *const *qs,
+            const float *const *ss, const float *lams, int ue8m0, int block, uint8_t *q_out, float *s_out) {
+    GUARDED(mix_fp8_impl(rb0, rb1, rows, n, k, qs, ss, lams, ue8m0, block, q_out, s_out));
+}
+
+int encode_fp8(int64_t rb0, int64_t rb1, int64_t rows, int64_t n, const float *w, int ue8m0, int block,
+               uint8_t *q_out, float *s_out) {
+    GUARDED(encode_fp8_impl(rb0, rb1, rows, n, w, ue8m0, block, q_out, s_out));
+}
+
+int norms_float(int64_t start, int64_t stop, const void *a, int adt, const void *b, int bdt, double *out) {
+    GUARDED(norms_float_impl(start, stop, a, adt, b, bdt, out));
+}
+
+int norms_fp8(int64_t r0, int64_t r1, int64_t n, const uint8_t *qa, const float *sa, const uint8_t *qb,
+              const float *sb, int64_t nb, int block, double *out) {
+    GUARDED(norms_fp8_impl(r0, r1, n, qa, sa, qb, sb, nb, block, out));
 }

@@ -251,6 +251,6 @@ def norms_fp8(qa: np.ndarray, sa: np.ndarray, qb: np.ndarray, sb: np.ndarray, bl
     step = max(1, native.SUM_PIECE // max(n, 1))          # rows per partial sum (fixed: thread-independent)
     pieces = list(range(0, r, step)) + [r]
     bufs = [(ctypes.c_double * 3)() for _ in range(len(pieces) - 1)]
-    native.split(lambda i, j: sum(lib.norms_fp8(pieces[k], pieces[k + 1], n, p[0], p[1], p[2], p[3], nb, block,
-                                                bufs[k]) for k in range(i, j)), len(bufs))
+    native.split(lambda i, j: native.combine([lib.norms_fp8(pieces[k], pieces[k + 1], n, p[0], p[1], p[2], p[3], nb,
+                                                            block, bufs[k]) for k in range(i, j)]), len(bufs))
     return tuple(sum(b[k] for b in bufs) for k in range(3))

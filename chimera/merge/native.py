@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from chimera.cache import cache_root
+from chimera.errors import ChimeraError
 
 SOURCE = Path(__file__).with_name("kernels.c")
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared", "-std=gnu11"]
@@ -45,7 +46,13 @@ SIGNATURES = {
     "encode_fp8": [I64, I64, I64, I64, P, INT, INT, P, P],
     "norms_float": [I64, I64, P, INT, P, INT, P],
     "norms_fp8": [I64, I64, I64, P, P, P, P, I64, INT, P],
+    "guard_install": [],
 }
+FILE_GONE = -2  # a kernel touched a page of a mapped file that was truncated meanwhile (SIGBUS, caught)
+
+
+class FileChanged(ChimeraError):
+    """A parent file shrank while a kernel read it through its mapping (someone truncated it)."""
 
 
 def cache_dir() -> Path:
@@ -106,6 +113,7 @@ def lib() -> ctypes.CDLL | None:
                 for name, argtypes in SIGNATURES.items():
                     fn = getattr(handle, name)
                     fn.argtypes, fn.restype = argtypes, ctypes.c_int
+                handle.guard_install()  # a SIGBUS inside a kernel call returns FILE_GONE from that call
                 _lib = handle
             except (OSError, subprocess.SubprocessError, AttributeError) as e:
                 build_error = f"{type(e).__name__}: {e}"
@@ -141,22 +149,31 @@ def threads() -> int:
         return os.cpu_count() or 1
 
 
+def combine(codes) -> int:
+    """The kernels' return codes of several pieces: OR of the flags; raises FileChanged if any piece met a
+    truncated file."""
+    flag = 0
+    for c in codes:
+        if c == FILE_GONE:
+            raise FileChanged("a parent file shrank while it was read (truncated by another process?)")
+        flag |= c
+    return flag
+
+
 def split(fn: Callable[[int, int], int], n: int, parts: int | None = None) -> int:
-    """Run fn(start, stop) over [0, n) in up to `parts` pieces on a thread pool; OR of the results."""
+    """Run fn(start, stop) over [0, n) in up to `parts` pieces on a thread pool; OR of the results (see
+    `combine`; fn may return a combined code of several calls)."""
     global _pool
     parts = max(1, min(parts or threads(), n))
     if parts == 1:
-        return fn(0, n)
+        return combine([fn(0, n)])
     if _pool is None:
         with _lock:
             if _pool is None:
                 _pool = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="chimera-kernel")
     bounds = [n * i // parts for i in range(parts + 1)]
     futures = [_pool.submit(fn, a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
-    flag = 0
-    for f in futures:
-        flag |= f.result()
-    return flag
+    return combine([f.result() for f in futures])
 
 
 SUM_PIECE = 1 << 20  # elements (or rows, for row kernels) per partial sum: the rounding never depends on threads
@@ -167,7 +184,7 @@ def split_sums(fn: Callable[[int, int, ctypes.Array], int], n: int, width: int) 
     SUM_PIECE elements each get their own sums, added in piece order (same result on any thread count)."""
     bounds = list(range(0, n, SUM_PIECE)) + [n]
     bufs = [(ctypes.c_double * width)() for _ in range(len(bounds) - 1)]
-    split(lambda i, j: sum(fn(bounds[k], bounds[k + 1], bufs[k]) for k in range(i, j)), len(bufs))
+    split(lambda i, j: combine([fn(bounds[k], bounds[k + 1], bufs[k]) for k in range(i, j)]), len(bufs))
     return [sum(buf[k] for buf in bufs) for k in range(width)]
 
 

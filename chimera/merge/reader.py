@@ -7,8 +7,11 @@
 `Mapped` (the CPU path) maps each parent file read-only and hands out views of the page cache, so
 no byte is copied before the kernel reads it; the next chunk is requested with
 `madvise(MADV_WILLNEED)`, which makes the kernel read it from disk in the background when it is not
-cached. (A parent file truncated by someone else during the merge then ends the process with SIGBUS
-instead of an error: parents must not change while they are merged.)
+cached, and the chunk before is dropped from the mapping (`MADV_DONTNEED`: its pages stay in the page cache
+but leave this process's resident memory). A parent file truncated by someone else during the merge makes
+the next access past its new end a SIGBUS: inside the C kernels (`kernels.c`, which do every read of mapped
+bytes when they are built) it is caught and becomes a one-line error naming the file; on the torch fallback
+(no C compiler) it still ends the process. Parents must not change while they are merged.
 `Prefetcher` (a device: pinned buffers for asynchronous uploads) reads into buffers:
 
 Each chunk is a list of reads `(TensorInfo, rows)` (a parent's weight rows, its scale rows). A reader
@@ -153,19 +156,22 @@ class Mapped:
     def _views(self, i: int) -> list[np.ndarray]:
         return [self.view(info, rows) for info, rows in self.chunks[i]]
 
-    def _advise(self, i: int) -> None:
+    def _advise(self, i: int, advice: int) -> None:
         page = mmap.PAGESIZE
         for info, rows in self.chunks[i]:
             start, nbytes = row_span(info, rows)
             a = start // page * page
             if nbytes:
                 try:
-                    self._map(info).madvise(mmap.MADV_WILLNEED, a, start + nbytes - a)
+                    self._map(info).madvise(advice, a, start + nbytes - a)
                 except (OSError, AttributeError, ValueError):
                     return
 
     def __iter__(self) -> Iterator[list[np.ndarray]]:
         for i in range(len(self.chunks)):
             if i + 1 < len(self.chunks):
-                self._advise(i + 1)
+                self._advise(i + 1, mmap.MADV_WILLNEED)
             yield self._views(i)
+            # the caller is done with chunk i: drop its pages from this process's mappings (they stay in the
+            # page cache), so resident memory stays a chunk or two whatever the tensor size
+            self._advise(i, mmap.MADV_DONTNEED)

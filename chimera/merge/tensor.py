@@ -21,13 +21,47 @@ from __future__ import annotations
 
 from chimera.checkpoint.files import TensorInfo
 from chimera.checkpoint.writer import ShardFile
+from chimera.errors import ChimeraError
 from chimera.merge.distance import CHUNK_ELEMS, ToBase, distance_to_base, row_chunks
 from chimera.merge.plan import Item
 
 
 def run_tensor(it: Item, out: ShardFile, *, compiled: bool = False, chunk_elems: int = CHUNK_ELEMS,
-               distances: bool = True, mixer=None) -> dict:
-    """Write output tensor `it` into its slot of `out`; returns its record (class, op, lambdas, distance)."""
+               distances: bool = True, mixer=None, worker=None, pending: list | None = None) -> dict:
+    """See `_run_tensor`; a parent file truncated while a kernel read it is a one-line error naming it."""
+    from chimera.merge.native import FileChanged
+
+    try:
+        return _run_tensor(it, out, compiled=compiled, chunk_elems=chunk_elems, distances=distances, mixer=mixer,
+                           worker=worker, pending=pending)
+    except FileChanged:
+        raise file_changed(it) from None
+
+
+def file_changed(it: Item) -> ChimeraError:
+    """The error for a parent file that shrank under a merge (a kernel met a page past its new end)."""
+    import os
+
+    files = sorted({p.file for s in it.sources for p in s.stored.parts})
+    short = []
+    for f in files:
+        try:
+            need = max(p.end for s in it.sources for p in s.stored.parts if p.file == f)
+            if os.stat(f).st_size < need:
+                short.append(f)
+        except OSError:
+            short.append(f)
+    return ChimeraError(f"{', '.join(map(str, short or files))}: shrank while tensor {it.name} was read from it "
+                        f"(truncated by another process?); parents must not change while they are merged")
+
+
+def _run_tensor(it: Item, out: ShardFile, *, compiled: bool, chunk_elems: int, distances: bool, mixer, worker,
+                pending: list | None) -> dict:
+    """Write output tensor `it` into its slot of `out`; returns its record (class, op, lambdas, distance).
+
+    With a `worker` (one thread), a copy's distance sums run there while this thread copies; with a `pending`
+    list as well, the record's distance is left to the caller: (record, ToBase) is appended and
+    `finish_distances(pending)` fills it in (so the sums of one tensor overlap the copies of the next)."""
     rec: dict = {"class": it.cls, "op": it.op, "lambdas": dict(it.lambdas)}
     op, lams = it.op, it.lambdas
     dist = None
@@ -51,26 +85,46 @@ def run_tensor(it: Item, out: ShardFile, *, compiled: bool = False, chunk_elems:
             rec["segments"].append({"experts": [sg.lo, sg.hi - 1], "op": sg.op, "lambdas": dict(sg.lambdas)})
         measure = None
     else:
-        measure = ToBase(it) if (distances and dist is None and it.others) else None
+        measure = None
+        if distances and dist is None and it.others:
+            measure = ToBase(it, worker if op == "copy" else None)
         if op == "copy":
             _copy(it, out, it.source(lams[0][0]).stored, chunks, whole=True, measure=measure)
+            if measure and pending is not None and measure.worker is not None:
+                measure.close()
+                pending.append((rec, measure))
+                return rec
         else:
             rec["kernel"] = _compute(it, out, lams, chunks, measure, compiled, mixer)
     if measure:
         dist = measure.value()
+        measure.close()
     if dist is not None:
         rec["distance"] = dist
     return rec
 
 
+def finish_distances(pending: list) -> None:
+    """Wait for the distances `run_tensor` left pending and put them in their records."""
+    from chimera.merge.native import FileChanged
+
+    for rec, measure in pending:
+        try:
+            rec["distance"] = measure.value()
+        except FileChanged:
+            raise file_changed(measure.item) from None
+    pending.clear()
+
+
 def _copy(it: Item, out: ShardFile, src, chunks, whole: bool, measure: ToBase | None) -> None:
-    """The stored bytes of `src` into `it`'s slots: the main tensor by row chunks (measuring as it goes),
-    its companions whole (`whole`) or, for a run of experts, the same rows of every part."""
+    """The stored bytes of `src` into `it`'s slots: the main tensor by row chunks (measuring as it goes, on the
+    measure's worker thread if it has one), its companions whole (`whole`) or, for a run of experts, the same
+    rows of every part."""
     parts = dict(src.roles())
     names = [(role, name) for role, name, _, _ in it.parts()]
     for rows in chunks:
         if measure:
-            measure.add(rows)
+            measure.add_later(rows)
         for role, name in names:
             if role == "weight" or not whole:
                 _copy_rows(out, name, parts[role], rows)
