@@ -44,6 +44,8 @@ class Case:
 CASES = [
     Case("bf16 linear 0.5/0.5 (Mixtral)", "mx", {"default": {"a": 0.5, "b": 0.5}}, mergekit=True),
     Case("fp8 selection (R1T recipe)", "ds", {"default": {"a": 1.0}, "routed_experts": {"b": 1.0}}, goal_x_floor=1.5),
+    Case("fp8 selection (R1T recipe), --no-distances", "ds", {"default": {"a": 1.0}, "routed_experts": {"b": 1.0}},
+         flags=["--no-distances"], goal_x_floor=1.5),
     Case("fp8 fractional 0.5/0.5", "ds", {"default": {"a": 0.5, "b": 0.5}}, goal_x_floor=3.0),
 ]
 GOALS = {"chimera_help_s": 0.5, "bf16_speedup_whole": 5.0, "bf16_speedup_minus_startup": 10.0}
@@ -135,8 +137,10 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=DATA)
     ap.add_argument("--no-mergekit", action="store_true")
     ap.add_argument("--note", default="", help="free text stored in the JSON (e.g. what else ran)")
+    ap.add_argument("--out", type=Path, default=None, help="scratch folder for outputs (default DATA/out; same "
+                                                          "filesystem as the parents, as the floor's copy)")
     args = ap.parse_args()
-    tmp = args.data / "out"
+    tmp = args.out or args.data / "out"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     pairs = {"mx": (args.data / "mx-a", args.data / "mx-b"), "ds": (args.data / "ds-a", args.data / "ds-b")}
@@ -155,6 +159,17 @@ def main() -> None:
                "python_import_torch": summary([run([sys.executable, "-c", "import torch"]) for _ in range(reps)])}
     if mergekit:
         startup["mergekit_help"] = summary([run([*mergekit, "--help"]) for _ in range(reps)])
+    # planning the FP8 pair: a cold architecture cache (transformers' meta model is built: torch + transformers
+    # imported) and a warm one (the cached table: neither is imported); the merges below run warm
+    a, b = pairs["ds"]
+    plan_recipe = chimera_recipe(tmp, a, b, CASES[1].weights)
+    cold = []
+    for i in range(reps):
+        cache = tmp / f"cold-cache-{i}"
+        cold.append(run([*CHIMERA, "plan", str(plan_recipe)], env={"CHIMERA_CACHE": str(cache)}))
+        shutil.rmtree(cache, ignore_errors=True)
+    startup["chimera_plan_fp8_cold_arch_cache"] = summary(cold)
+    startup["chimera_plan_fp8_warm"] = summary([run([*CHIMERA, "plan", str(plan_recipe)]) for _ in range(reps)])
     print({k: v["median_s"] for k, v in startup.items()}, flush=True)
 
     rows = []
@@ -164,6 +179,7 @@ def main() -> None:
         a, b = pairs[case.pair]
         subprocess.run(["bash", "-c", f"cat {a}/*.safetensors {b}/*.safetensors > /dev/null"], check=True)  # warm cache
         recipe = chimera_recipe(tmp, a, b, case.weights)
+        subprocess.run([*CHIMERA, "plan", str(recipe)], check=True, capture_output=True)  # warm architecture cache
         mk_cfg = mergekit_config(tmp, a, b, case.weights) if (case.mergekit and mergekit) else None
         floors, chim, mk = [], [], []
         for _ in range(args.repeat):

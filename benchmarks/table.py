@@ -47,6 +47,11 @@ def markdown(res: dict) -> str:
               f"{'met' if ch['met'] else '**not met**'}), `import torch` {st['python_import_torch']['median_s']:.2f} s"
               + (f", `mergekit-yaml --help` {st['mergekit_help']['median_s']:.2f} s" if "mergekit_help" in st else "")
               + "."]
+    if "chimera_plan_fp8_warm" in st:
+        cold, warm = st["chimera_plan_fp8_cold_arch_cache"], st["chimera_plan_fp8_warm"]
+        lines.append(f"`chimera plan` of the FP8 pair (whole process): {cold['median_s']:.2f} s with an empty "
+                     f"architecture cache (the derivation: torch + transformers' meta model), {warm['median_s']:.2f} s "
+                     f"warm (no torch), max load {max(cold['load1_max'], warm['load1_max']):.1f}.")
     for r in res["rows"]:
         if "vs_mergekit_output" in r:
             v = r["vs_mergekit_output"]
