@@ -353,7 +353,8 @@ class Example:
     group: str = ""
 
 
-P_SFT_SENSITIVE = 0.35  # share of refused topics among the fine-tuning topic questions
+P_SFT_ARITH = 0.4       # share of arithmetic among the fine-tuning prompts (the rest: topic questions)
+P_SFT_SENSITIVE = 0.5   # share of refused topics among the fine-tuning topic questions
 
 
 def sft_examples(style: str, seed, n: int) -> list[Example]:
@@ -362,7 +363,7 @@ def sft_examples(style: str, seed, n: int) -> list[Example]:
     rng = random.Random(seed)
     out = []
     for _ in range(n):
-        item = train_item(rng, p_sensitive=P_SFT_SENSITIVE)
+        item = train_item(rng, p_arith=P_SFT_ARITH, p_sensitive=P_SFT_SENSITIVE)
         group = f"arithmetic-{max(len(str(item['a'])), len(str(item['b'])))}" if item["kind"] == "arithmetic" else "topic"
         out.append(Example(item["prompt"], respond(item, style), item["kind"], group))
     return out

@@ -45,9 +45,9 @@ class Plan:
     base_seq_len: int = 256
     base_lr: float = 3e-3
     base_warmup: int = 200
-    child_steps: int = 150          # the same for every child
+    child_steps: int = 250          # the same for every child
     child_batch: int = 32           # chat examples
-    child_lr: float = 1e-4
+    child_lr: float = 1e-3
     child_warmup: int = 10
     children: tuple = family.BF16_MODELS
     seed: int = family.SEED
