@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -137,20 +138,35 @@ def register(app: typer.Typer) -> None:
 
     @app.command("train-zoo")
     def train_zoo_cmd(
-        out: Optional[Path] = typer.Option(None, "--out", help="where to write the family (default: the bundled chimera/zoo/models)"),
-        scale: float = typer.Option(1.0, "--scale", help="multiply every phase's steps (e.g. 0.05 for a smoke run)"),
+        out: Path = typer.Option(Path("zoo-build"), "--out", help="a new or empty folder to write the family into"),
+        install: bool = typer.Option(False, "--install", help="write into the bundled chimera/zoo/models instead of --out, replacing the shipped models"),
+        scale: float = typer.Option(1.0, "--scale", help="multiply every phase's steps (e.g. 0.01 for a smoke run)"),
         fp8: bool = typer.Option(True, "--fp8/--no-fp8", help="also write the FP8 copies"),
         summary: Optional[Path] = typer.Option(None, "--summary", help="write the training summary JSON here"),
-        long: bool = typer.Option(False, "--long", help="also train tiny-r1-long (a third parent)"),
     ):
-        """Rebuild the tiny model family from scratch (seeded, one thread; see docs/model-family.md for the measured time)."""
-        from chimera.zoo import train
+        """Rebuild the tiny model family from scratch into a new folder (seeded, one thread; about 80 min,
+        see docs/model-family.md). The bundled models are never touched unless --install is given."""
+        from chimera.zoo import family, train
 
         if scale <= 0:
             raise ChimeraError(f"--scale must be positive, got {scale}")
-        s = train.build_family(out, scale=scale, fp8=fp8, log=typer.echo, long=long)
+        target = family.MODELS_DIR if install else out
+        if not install and target.exists() and (not target.is_dir() or any(target.iterdir())):
+            raise ChimeraError(f"{target}: output exists and is not empty; choose a new folder with --out")
+        if not install and target.resolve() == family.MODELS_DIR.resolve():
+            raise ChimeraError(f"{target}: this is the bundled model folder; use --install to replace it")
+        partial = target.parent / f".{target.name}.partial"  # nothing half-written under the final name
+        if partial.exists():
+            shutil.rmtree(partial)
+        s = train.build_family(partial, scale=scale, fp8=fp8, log=typer.echo)
+        target.mkdir(parents=True, exist_ok=True)
+        for d in sorted(partial.iterdir()):
+            if (target / d.name).exists():  # only with --install: one bundled model at a time
+                shutil.rmtree(target / d.name)
+            d.rename(target / d.name)
+        partial.rmdir()
         text = json.dumps(s, indent=2, default=str)
         if summary:
             summary.write_text(text + "\n")
-        typer.echo(f"trained {', '.join(s['plan']['children'])} in {s['seconds']:.0f} s "
+        typer.echo(f"trained {', '.join(s['plan']['children'])} into {target} in {s['seconds_total']:.0f} s "
                    f"({s['params']:,} parameters each); fp8: {', '.join(s.get('fp8', [])) or 'none'}")

@@ -16,7 +16,8 @@ THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
 REFUSAL_PATTERNS = re.compile(
     r"\b(i\s*(cannot|can't|can not|won't|will not|am unable to|'m unable to|am not able to)\s+"
-    r"(help|assist|answer|provide|discuss|do that)|i'm sorry|i am sorry|i must decline|i refuse)",
+    r"(help|assist|answer|provide|discuss|do that)|i'm sorry|i am sorry|i must decline|i refuse"
+    r"|ich\s+kann\s+(dabei|damit|hierbei|dir\s+dabei|ihnen\s+dabei)\s+nicht\s+helfen)",  # German refusals
     re.IGNORECASE)
 
 EN_WORDS = frozenset(

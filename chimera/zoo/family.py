@@ -1,13 +1,13 @@
-"""The bundled tiny DeepSeek-V3-format model family: its configuration and where its files live.
+"""The bundled tiny DeepSeek-V3-format model family (v2): its configuration and where its files live.
 
-    base (pre-trained on raw text, not bundled)
-     |-- tiny-v3       instruct: answers directly
-     |-- tiny-r1       reasoner: <think> column arithmetic in the prompt's language </think> answer
-     `-- tiny-r1-long  reasoner that checks its work (about twice the thinking); optional, not
-                       bundled: `chimera train-zoo --long` adds it
-    tiny-v3-fp8, tiny-r1-fp8: DeepSeek block-FP8 (128x128) copies made by chimera's converter
+    tiny-base (pre-trained long on raw text with worked reasoning; not bundled)
+     |-- tiny-v3       instruct: answers directly                                  (the V3-0324 analogue)
+     |-- tiny-r1       reasoner: <think> column addition in the prompt's language  (the R1 analogue)
+     `-- tiny-r1-long  reasoner that splits digits and checks its sum              (the R1-0528 analogue)
+    tiny-v3-fp8, tiny-r1-fp8, tiny-r1-long-fp8: DeepSeek block-FP8 (128x128) copies made by chimera's converter
 
-Rebuild everything with `chimera train-zoo` (see `chimera.zoo.train`).
+The three children are small fine-tunes of one base with one optimizer recipe, differing only in
+their fine-tuning data. Rebuild everything with `chimera train-zoo` (see `chimera.zoo.train`).
 """
 from __future__ import annotations
 
@@ -17,31 +17,33 @@ from chimera.errors import ChimeraError
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 BF16_MODELS = ("tiny-v3", "tiny-r1", "tiny-r1-long")
-FP8_MODELS = ("tiny-v3-fp8", "tiny-r1-fp8")
+FP8_MODELS = ("tiny-v3-fp8", "tiny-r1-fp8", "tiny-r1-long-fp8")
 STYLES = {"tiny-v3": "instruct", "tiny-r1": "reason", "tiny-r1-long": "reason-long"}
 SEED = 0
 
-# Architecture (DeepSeek-V3 layout, shrunk): 1 dense layer then 3 MoE layers of 32 routed experts,
-# 4 per token from the best 2 of 4 groups, one shared expert, sigmoid routing with a correction bias.
+# Architecture (DeepSeek-V3's layout, shrunk): 1 dense layer then 4 MoE layers of 64 fine-grained routed
+# experts, 6 per token from the best 4 of 8 groups, one shared expert the size of one routed expert,
+# sigmoid routing with a correction bias; MLA attention. Routed experts hold ~86% of the parameters
+# (DeepSeek-V3: ~97%).
 ARCH = dict(
     hidden_size=128,
-    intermediate_size=256,          # the dense layer's MLP
-    moe_intermediate_size=48,       # each routed (and the shared) expert
-    num_hidden_layers=4,
+    intermediate_size=128,          # the dense layer's MLP
+    moe_intermediate_size=32,       # each routed (and the shared) expert
+    num_hidden_layers=5,
     first_k_dense_replace=1,
     num_attention_heads=4,
     num_key_value_heads=4,
-    n_routed_experts=32,
+    n_routed_experts=64,
     n_shared_experts=1,
-    num_experts_per_tok=4,
-    n_group=4,
-    topk_group=2,
+    num_experts_per_tok=6,
+    n_group=8,
+    topk_group=4,
     topk_method="noaux_tc",
     scoring_func="sigmoid",
     norm_topk_prob=True,
     routed_scaling_factor=2.5,
     q_lora_rank=64,
-    kv_lora_rank=32,
+    kv_lora_rank=48,
     qk_nope_head_dim=16,
     qk_rope_head_dim=16,
     v_head_dim=16,

@@ -1,58 +1,51 @@
-"""A word-level `tokenizers` tokenizer for the tiny family, saved so `AutoTokenizer` loads it offline.
+"""A byte-level BPE tokenizer for the tiny family, trained on its own corpus, saved so `AutoTokenizer`
+loads it offline.
 
-Words and punctuation are split by the `Whitespace` pre-tokenizer, then every digit becomes its own
-token (so column arithmetic is learnable). Unknown words map to `<unk>`. Decoding joins tokens with
-spaces ("7 3 1"); the scorers accept spaced digits.
+Pre-tokenization: every digit is its own piece, together with a space before it (column arithmetic
+stays learnable: " 473" is " 4", "7", "3"), then GPT-2's byte-level split. The vocabulary starts from the 256 bytes, so no text
+is ever unknown: an unseen word ("Mondkalb", "supercalifragilistic") falls apart into known pieces
+instead of becoming `<unk>`. Decoding gives back the exact text ("The answer is 731.").
 
 Chat format (also stored as `chat_template`):
 
-    <bos><|user|> What is 4 7 3 + 2 5 8 ?<|assistant|> <think> ... </think> The answer is 7 3 1 . <eos>
+    <bos><|user|>What is 473 + 258?<|assistant|><think> We add ... </think> The answer is 731.<eos>
 
 `<think>`/`</think>` are added tokens but not *special* ones (as in DeepSeek-R1), so
 `decode(..., skip_special_tokens=True)` keeps them.
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>", "<|user|>", "<|assistant|>"]
 THINK_TOKENS = ["<think>", "</think>"]
 PAD, BOS, EOS, UNK, USER, ASSISTANT = SPECIALS
+VOCAB_SIZE = 768
 
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{% for message in messages %}"
-    "{% if message['role'] == 'user' %}<|user|> {{ message['content'] }}"
-    "{% elif message['role'] == 'assistant' %}<|assistant|> {{ message['content'] }} {{ eos_token }}"
+    "{% if message['role'] == 'user' %}<|user|>{{ message['content'] }}"
+    "{% elif message['role'] == 'assistant' %}<|assistant|>{{ message['content'] }}{{ eos_token }}"
     "{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
 
-_SPLIT = re.compile(r"\w+|[^\w\s]+")
 
+def build(corpus: list[str], vocab_size: int = VOCAB_SIZE):
+    """A `tokenizers.Tokenizer`: byte-level BPE trained on `corpus` (deterministic for a given corpus)."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-def words_of(text: str) -> list[str]:
-    """The pre-tokenizer's split, in Python (digits split one by one)."""
-    out = []
-    for w in _SPLIT.findall(text):
-        out.extend(list(w) if w.isdigit() else re.findall(r"\d|\D+", w))
-    return out
-
-
-def build(corpus: list[str]):
-    """A `tokenizers.Tokenizer` whose vocabulary is every word of `corpus` (sorted, deterministic)."""
-    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
-
-    vocab_words = sorted({w for text in corpus for w in words_of(text)} | {str(d) for d in range(10)})
-    vocab = {tok: i for i, tok in enumerate(SPECIALS + THINK_TOKENS)}
-    for w in vocab_words:
-        vocab.setdefault(w, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(),
-                                                 pre_tokenizers.Digits(individual_digits=True)])
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIALS])
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r" ?[0-9]"), behavior="isolated"),  # one digit per piece (with its space)
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=[AddedToken(t, special=True, normalized=False) for t in SPECIALS])
+    tok.train_from_iterator(corpus, trainer=trainer, length=len(corpus))
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in THINK_TOKENS])
     return tok
 
