@@ -42,9 +42,13 @@ def log(*a):
     print(f"[{time.time() - T0:6.0f}s]", *a, flush=True)
 
 
-def calibration_prompts(n_arith: int = 64) -> list[str]:
-    topics = [x["prompt"] for x in tasks.topic_items("train")]
-    arith = [x["prompt"] for x in tasks.arithmetic_items(random.Random(11), n_arith, "train", langs=("en", "de"))]
+def calibration_prompts(n_topic: int = 256, n_arith: int = 64) -> list[str]:
+    """A seeded sample of train-split prompts (disjoint from every held-out prompt the pruned models are
+    measured on): `n_topic` topic questions, `n_arith` sums."""
+    rng = random.Random(11)
+    pairs = rng.sample(tasks.topic_pairs("train"), n_topic)
+    topics = [tasks.topic_item(t, lang, tpl)["prompt"] for t, lang, tpl in pairs]
+    arith = [tasks.train_item(rng, p_arith=1.0)["prompt"] for _ in range(n_arith)]
     return topics + arith
 
 
@@ -118,6 +122,7 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=160)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--fractions", default="0.25,0.5")
+    ap.add_argument("--n-calibration", type=int, default=256, help="train-split topic questions (plus 64 sums)")
     ap.add_argument("--out", default=str(ROOT / "docs" / "pruning.json"))
     ap.add_argument("--plot", default=str(ROOT / "docs" / "img" / "pruning.png"))
     args = ap.parse_args()
@@ -127,7 +132,7 @@ def main() -> None:
     E = next(iter(layout.experts.values()))
     arith = suites.sample(suites.load("arithmetic"), args.n_arith)
     sens = suites.load("sensitive")
-    cal = calibration_prompts()
+    cal = calibration_prompts(args.n_calibration)
     log(f"{args.model}: {len(layout.decoder_moe)} MoE layers x {E} experts, n_group {layout.n_group}; "
         f"calibration on {len(cal)} train-split prompts")
     model, tok = harness.load(src)
