@@ -42,7 +42,7 @@ def main() -> None:
     a = ap.parse_args()
     import torch
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     t0 = time.time()
     reports, rows = train.acceptance(a.models)
     lines = ["| criterion | target | measured | pass |", "| --- | --- | --- | --- |"]
@@ -56,6 +56,7 @@ def main() -> None:
                 lines.append(f"| {name} | {suite} / {split} | " + " | ".join(fmt(c, ms.get(c)) for c in cols) + " |")
     text = "\n".join(lines)
     slim = {name: {s: {"metrics": e["metrics"], "splits": e["splits"]} for s, e in rep.items()} for name, rep in reports.items()}
+    a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps({"rows": rows, "reports": slim, "seconds": round(time.time() - t0, 1)}, indent=1) + "\n")
     a.out.with_suffix(".table.md").write_text(text + "\n")
     print(text)
