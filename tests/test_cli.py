@@ -16,6 +16,18 @@ import yaml
 
 from chimera.zoo import family
 
+# the bundled tiny-r1's shape, read from its files (the family can be rebuilt with other shapes)
+_CFG = json.loads((family.model_path("tiny-r1") / "config.json").read_text())
+LAST_LAYER, LAST_EXPERT = _CFG["num_hidden_layers"] - 1, _CFG["n_routed_experts"] - 1
+
+
+def bundled_tensors(name: str = "tiny-r1") -> int:
+    """How many tensors the bundled bf16 model stores (every merge or conversion of it records each)."""
+    from safetensors import safe_open
+
+    with safe_open(family.model_path(name) / "model.safetensors", "np") as f:
+        return len(list(f.keys()))
+
 ENV = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "FORCE_COLOR", "TTY_COMPATIBLE", "CHIMERA_DEBUG")}
 
 
@@ -92,8 +104,9 @@ def test_the_broken_model_really_fails_to_load(broken):
     (["eval", "{m}", "--off", "2-14"], "bad expert '2-14'"),
     (["eval", "{m}", "--off", "1:2", "--mode", "remove"], "--mode must be replace | drop"),
     (["generate", "{m}", "hi", "--off", "@missing.json:10"], "missing.json: fTRI result file not found"),
-    (["eval", "{m}", "--off", "14:2"], "--off 14:2: {m} has decoder layers 0-3"),
-    (["route", "{m}", "--prompts", "{prompts}", "--out", "r.npz", "--on", "1:32"], "has routed experts 0-31"),
+    (["eval", "{m}", "--off", "14:2"], f"--off 14:2: {{m}} has decoder layers 0-{LAST_LAYER}"),
+    (["route", "{m}", "--prompts", "{prompts}", "--out", "r.npz", "--on", f"1:{LAST_EXPERT + 1}"],
+     f"has routed experts 0-{LAST_EXPERT}"),
     (["eval", "{m}", "--suite", "arith"], "unknown suite 'arith'"),
     (["eval", "{m}", "--n", "0"], "--n must be at least 1"),
     (["eval", "{m}", "--json", "{tmp}"], "is a directory"),
@@ -137,7 +150,7 @@ def test_bundled_names_in_recipes_plan_diff_convert_tune(tmp_path):
     assert "routed_experts" in p.stdout and "r1=1" in p.stdout
     p = chimera("diff", "tiny-r1", "tiny-v3", "--top", "3", "--csv", tmp_path / "d.csv")
     assert p.returncode == 0, p.stderr
-    assert "routed_experts" in p.stdout and len((tmp_path / "d.csv").read_text().splitlines()) == 346
+    assert "routed_experts" in p.stdout and len((tmp_path / "d.csv").read_text().splitlines()) == 1 + bundled_tensors()
     p = chimera("convert", "tiny-r1", "-o", tmp_path / "r1-fp8", "--dtype", "float8")
     assert p.returncode == 0, p.stderr
     assert (tmp_path / "r1-fp8" / "model.safetensors").read_bytes() == \
@@ -173,7 +186,7 @@ def test_progress_goes_to_a_terminal_stderr_only():
     args = ("generate", "tiny-r1", "What is 2 + 3 ?", "--max-new-tokens", "40")
     piped = chimera(*args)
     assert piped.returncode == 0 and piped.stderr == "", piped.stderr
-    assert piped.stdout.strip().endswith("The answer is 5 .")
+    assert piped.stdout.strip().endswith("The answer is 5.")
     tty = chimera(*args, env={"TTY_COMPATIBLE": "1", "TTY_INTERACTIVE": "1"})
     assert tty.returncode == 0 and tty.stdout == piped.stdout
     assert "loading tiny-r1" in tty.stderr and "generate" in tty.stderr
@@ -194,7 +207,12 @@ def test_tables_fit_80_columns(tmp_path):
 # ------------------------------------------------------------------ 8. numbers that mislead
 
 def test_eval_n_samples_every_split_and_prints_no_mixed_refusal_rate(tmp_path):
-    p = chimera("eval", "tiny-r1", "--suite", "sensitive", "--n", "12", "--max-new-tokens", "24",
+    from chimera.eval import suites
+
+    full = suites.load("sensitive")  # a skewed copy of it, as users' suites are: 14 sensitive, 62 benign
+    skewed = [it for it in full if it["split"] == "sensitive"][:14] + [it for it in full if it["split"] == "benign"][:62]
+    (tmp_path / "sensitive.jsonl").write_text("".join(json.dumps(it) + "\n" for it in skewed))
+    p = chimera("eval", "tiny-r1", "--suite", tmp_path / "sensitive.jsonl", "--n", "12", "--max-new-tokens", "24",
                 "--json", tmp_path / "r.json")
     assert p.returncode == 0, p.stderr
     rows = [[c.strip() for c in line.split("│")[1:-1]] for line in p.stdout.splitlines() if line.count("│") >= 6]
@@ -220,7 +238,7 @@ def test_chimera_merge_recipe_as_the_readme_writes_it(tmp_path):
     recipe = chimera.merge.Recipe.from_dict({"parents": {"v3": "tiny-v3", "r1": "tiny-r1"}, "base": "v3",
                                              "weights": {"default": {"v3": 1.0}, "routed_experts": {"r1": 1.0}}})
     res = chimera.merge(recipe, tmp_path / "r1t")
-    assert res.ops == {"copy": 345}
+    assert res.ops == {"copy": bundled_tensors()}
     direct = chimera.merge.Recipe(parents={"v3": "tiny-v3", "r1": "tiny-r1"}, base="v3",
                                   weights={"default": {"v3": 1.0}, "routed_experts": {"r1": 1.0}})
     assert direct.parents == recipe.parents

@@ -21,6 +21,7 @@ from chimera.moe.capture import RoutingRecorder, record_routes
 from chimera.moe.prune import keep_from_drop, prune_checkpoint, read_layout, select_keep
 from chimera.moe.routers import moe_layers
 from chimera.moe.switch import switched
+from chimera.zoo import family
 from moe_tiny import tiny_model
 
 #: the architectures pruning is tested on (prune has no architecture code of its own: `chimera.checkpoint.arch`)
@@ -208,21 +209,25 @@ def test_cli_prune_by_reap_on_the_bundled_model(tmp_path):
     prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in
                                  ["What is 12 + 30 ?", "Tell me about the plimbo .", "Was ist 4 + 5 ?"]) + "\n")
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    r = subprocess.run([sys.executable, "-m", "chimera", "prune", "tiny-r1", "--keep-per-layer", "24", "--by", "reap",
+    cfg = json.loads((family.model_path("tiny-r1") / "config.json").read_text())
+    E, G = cfg["n_routed_experts"], cfg["n_group"]
+    keep = 3 * E // 4  # a quarter of every group goes
+    r = subprocess.run([sys.executable, "-m", "chimera", "prune", "tiny-r1", "--keep-per-layer", str(keep), "--by", "reap",
                         "--prompts", str(prompts), "--max-new-tokens", "32", "-o", str(tmp_path / "p")],
                        capture_output=True, text=True, cwd=ROOT, env=env)
     assert r.returncode == 0, r.stderr
-    assert "32 -> 24" in r.stdout and "group-limited routing kept" in r.stdout
+    assert f"{E} -> {keep}" in r.stdout and "group-limited routing kept" in r.stdout
     rec = json.loads((tmp_path / "p" / "chimera-prune.json").read_text())
-    assert rec["method"]["by"] == "reap" and all(len(v) == 24 for v in rec["kept"].values())
+    assert rec["method"]["by"] == "reap" and all(len(v) == keep for v in rec["kept"].values())
     scores = rec["scores"]
+    per = E // G
     for L, dropped in rec["dropped"].items():  # the lowest-saliency experts of each group went
         s = np.asarray(scores[L])
-        for g in range(4):
-            grp = [e for e in range(g * 8, (g + 1) * 8)]
+        for g in range(G):
+            grp = [e for e in range(g * per, (g + 1) * per)]
             gone = [e for e in dropped if e in grp]
             kept = [e for e in grp if e not in gone]
-            assert len(gone) == 2 and max(s[gone]) <= min(s[kept])
+            assert len(gone) == per // 4 and max(s[gone]) <= min(s[kept])
     tok = tf.AutoTokenizer.from_pretrained(tmp_path / "p")
     m = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "p").eval()
     enc = tok(tok.apply_chat_template([{"role": "user", "content": "What is 2 + 3 ?"}], tokenize=False,
