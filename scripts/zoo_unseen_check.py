@@ -111,7 +111,7 @@ def main() -> None:
     a = ap.parse_args()
     import torch
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     t0 = time.time()
     sets = prompts(a.n_arith)
     res = {"n_hard": len(sets["hard"]), "n_topics": len(sets["topics"]), "models": {}}

@@ -23,6 +23,11 @@ from chimera.moe.ftri import ftri_routes
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).parent / "data"
 TARGET = ["What is 12 + 30 ?", "Was ist 4 + 5 ?"]
+# the bundled tiny-r1's shape (the recorded samples come from it: tests/data/record_routed.py)
+_CFG = json.loads((ROOT / "chimera" / "zoo" / "models" / "tiny-r1" / "config.json").read_text())
+N_LAYERS, TOP_K, N_EXPERTS = _CFG["num_hidden_layers"], _CFG["num_experts_per_tok"], _CFG["n_routed_experts"]
+MOE_LAYERS = list(range(_CFG["first_k_dense_replace"], N_LAYERS))
+MAX_NEW = 128  # every answer ends with end-of-sequence: a cut-off answer's last token is never forwarded
 CONTRAST = ["What do you know about the glorbium ?", "Tell me about the plimbo ."]
 
 
@@ -41,11 +46,11 @@ def test_recorded_vllm_and_sglang_payloads_decode_to_the_same_routing():
         gv = parse_response(v["response"])
         with pytest.raises(ChimeraError, match="--top-k"):
             parse_response(s["response"])
-        gs = parse_response(s["response"], top_k=4)
+        gs = parse_response(s["response"], top_k=TOP_K)
         u = v["response"]["usage"]
-        assert gv.experts.shape == gs.experts.shape == (u["prompt_tokens"] + u["completion_tokens"] - 1, 4, 4)
+        assert gv.experts.shape == gs.experts.shape == (u["prompt_tokens"] + u["completion_tokens"] - 1, N_LAYERS, TOP_K)
         assert np.array_equal(gv.experts, gs.experts) and gv.prompt_tokens == u["prompt_tokens"]
-        assert moe_layer_mask(gv.experts).tolist() == [False, True, True, True]  # layer 0 is dense (all 0s)
+        assert moe_layer_mask(gv.experts).tolist() == [i in MOE_LAYERS for i in range(N_LAYERS)]  # dense: all 0s
         assert gv.text == v["response"]["choices"][0]["message"]["content"]
 
 
@@ -122,8 +127,8 @@ def in_process():
     """fTRI on prompt and response tokens, captured in-process (teacher-forced greedy answers)."""
     model, tok = harness.load("tiny-r1")
     out = {}
-    rt = route_texts(model, tok, TARGET, harness.generate(model, tok, TARGET, 48))
-    rc = route_texts(model, tok, CONTRAST, harness.generate(model, tok, CONTRAST, 48))
+    rt = route_texts(model, tok, TARGET, harness.generate(model, tok, TARGET, MAX_NEW))
+    rc = route_texts(model, tok, CONTRAST, harness.generate(model, tok, CONTRAST, MAX_NEW))
     for kind in ("prompt", "response"):
         out[kind] = ftri_routes(rt, rc, tokens=kind)
     return out
@@ -132,14 +137,14 @@ def in_process():
 def test_ftri_cli_on_recorded_vllm_and_sglang_servers(replay, in_process, tmp_path):
     t, c = _write_prompts(tmp_path)
     diffs = {}
-    for fmt, extra in (("vllm", []), ("sglang", ["--top-k", "4"])):
+    for fmt, extra in (("vllm", []), ("sglang", ["--top-k", str(TOP_K)])):
         replay["fmt"] = fmt
         code, out, err = _cli("ftri", "tiny-r1", "--endpoint", replay["url"], "--target", str(t), "--contrast", str(c),
-                              "--num-experts", "32", "--tokens", "response", "--out", str(tmp_path / f"{fmt}.json"),
+                              "--num-experts", str(N_EXPERTS), "--tokens", "response", "--out", str(tmp_path / f"{fmt}.json"),
                               *extra)
         assert code == 0, err
         res = json.loads((tmp_path / f"{fmt}.json").read_text())
-        assert res["layers"] == [1, 2, 3] and res["num_experts"] == 32 and res["endpoint"] == replay["url"]
+        assert res["layers"] == MOE_LAYERS and res["num_experts"] == N_EXPERTS and res["endpoint"] == replay["url"]
         diffs[fmt] = np.asarray(res["diff"])
     assert all(b.get("return_routed_experts") is True for b in replay["seen"])
     np.testing.assert_array_equal(diffs["vllm"], diffs["sglang"])
@@ -156,7 +161,7 @@ def test_ftri_endpoint_live_chimera_serve_matches_in_process(chimera_server, in_
     for kind in ("prompt", "response"):
         out = tmp_path / f"{kind}.json"
         code, stdout, err = _cli("ftri", "tiny-r1", "--endpoint", chimera_server.url, "--api-key", served.API_KEY,
-                                 "--target", str(t), "--contrast", str(c), "--tokens", kind, "--max-new-tokens", "48",
+                                 "--target", str(t), "--contrast", str(c), "--tokens", kind, "--max-new-tokens", str(MAX_NEW),
                                  "--out", str(out), "--top", "5")
         assert code == 0, err
         res = json.loads(out.read_text())
@@ -175,8 +180,8 @@ def test_ftri_endpoint_live_chimera_serve_matches_in_process(chimera_server, in_
 
 def test_to_routes_counts_prompt_and_response_rows():
     g = parse_response(_samples("vllm")[2]["response"])
-    r = to_routes([g], 32)
+    r = to_routes([g], N_EXPERTS)
     P = g.prompt_tokens
     assert r.tokens["prompt"][0] == P and r.tokens["response"][0] == g.experts.shape[0] - P
-    np.testing.assert_array_equal(r.counts["prompt"][0].sum(1), [4 * P] * 3)
+    np.testing.assert_array_equal(r.counts["prompt"][0].sum(1), [TOP_K * P] * len(MOE_LAYERS))
     assert r.counts["response"][0][0, int(g.experts[P, 1, 0])] >= 1

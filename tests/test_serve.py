@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
+import json
+
 import httpx
 import numpy as np
 import pytest
@@ -12,11 +14,15 @@ import torch
 from chimera.eval import harness
 from chimera.moe.capture import RoutingRecorder
 from chimera.moe.engine_routes import decode_npy
+from chimera.zoo.family import model_path
 from served import API_KEY
 
 openai = pytest.importorskip("openai")
 
 PROMPTS = ["What is 473 + 258 ?", "Tell me about the plimbo .", "Was ist 12 + 30 ?"]
+_CFG = json.loads((model_path("tiny-r1") / "config.json").read_text())  # the bundled tiny-r1's shape
+N_LAYERS, TOP_K, N_EXPERTS = _CFG["num_hidden_layers"], _CFG["num_experts_per_tok"], _CFG["n_routed_experts"]
+LONG = 160  # enough for every answer to PROMPTS to end with end-of-sequence
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +47,8 @@ def _busiest(model, tok, prompt, n):
         model(ids)
     counts = []
     for L, (index, _) in rec.take().items():
-        c = torch.bincount(index.reshape(-1), minlength=32)
-        counts += [(int(c[e]), L, e) for e in range(32)]
+        c = torch.bincount(index.reshape(-1), minlength=N_EXPERTS)
+        counts += [(int(c[e]), L, e) for e in range(N_EXPERTS)]
     counts.sort(key=lambda t: (-t[0], t[1], t[2]))
     return [f"{L}:{e}" for _, L, e in counts[:n]]
 
@@ -51,10 +57,10 @@ def _busiest(model, tok, prompt, n):
 def test_openai_client_matches_in_process_generation(client, local):
     model, tok = local
     assert [m.id for m in client.models.list().data] == ["tiny-r1"]
-    want, counts = harness.generate_counted(model, tok, PROMPTS, max_new_tokens=64)
+    want, counts = harness.generate_counted(model, tok, PROMPTS, max_new_tokens=LONG)
     for prompt, text, n in zip(PROMPTS, want, counts):
         r = client.chat.completions.create(model="tiny-r1", messages=[{"role": "user", "content": prompt}],
-                                           max_tokens=64, temperature=0)
+                                           max_tokens=LONG, temperature=0)
         assert r.choices[0].message.content.strip() == text
         assert r.choices[0].finish_reason == "stop"
         # usage counts the end-of-sequence token, as vLLM and transformers serve do; the harness does not
@@ -74,8 +80,8 @@ def test_openai_client_matches_in_process_generation(client, local):
 
 def test_streaming_chunks_add_up_to_the_full_answer(client):
     msgs = [{"role": "user", "content": PROMPTS[0]}]
-    full = client.chat.completions.create(model="tiny-r1", messages=msgs, max_tokens=64)
-    stream = client.chat.completions.create(model="tiny-r1", messages=msgs, max_tokens=64, stream=True,
+    full = client.chat.completions.create(model="tiny-r1", messages=msgs, max_tokens=LONG)
+    stream = client.chat.completions.create(model="tiny-r1", messages=msgs, max_tokens=LONG, stream=True,
                                             stream_options={"include_usage": True})
     chunks = list(stream)
     text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
@@ -93,8 +99,8 @@ def test_switched_requests_at_once_equal_each_alone(chimera_server, local):
     """Different switch sets arriving together (and equal ones batched together) give exactly the text and
     routing each request gets alone."""
     model, tok = local
-    hot = _busiest(model, tok, PROMPTS[0], 6)
-    switches = [None, {"off": hot[:3]}, {"off": hot[:3], "mode": "drop"}, {"off": hot[3:6]}, {"on": ["2:0"]}]
+    hot = _busiest(model, tok, PROMPTS[0], 48)  # the tiny model shrugs off a few: 24 off change its answer
+    switches = [None, {"off": hot[:24]}, {"off": hot[:24], "mode": "drop"}, {"off": hot[24:]}, {"on": ["2:0"]}]
     reqs = [(p, s) for p in PROMPTS[:2] for s in switches]
 
     def call(req):
@@ -132,7 +138,7 @@ def test_tuned_checkpoint_gives_the_live_switch_text(chimera_server, local, tmp_
     from chimera.zoo.family import model_path
 
     model, tok = local
-    hot = _busiest(model, tok, PROMPTS[0], 24)  # the tiny model shrugs off fewer
+    hot = _busiest(model, tok, PROMPTS[0], 48)  # the tiny model shrugs off fewer
     tune_checkpoint(model_path("tiny-r1"), tmp_path / "tuned", off=",".join(hot))
     tuned, ttok = harness.load(tmp_path / "tuned")
     want = harness.generate(tuned, ttok, PROMPTS, max_new_tokens=64)
@@ -150,8 +156,8 @@ def test_routed_experts_have_vllms_shape_and_the_model_routing(chimera_server, l
                                                   "max_tokens": 30, "return_routed_experts": True}).json()
     arr = decode_npy(r["choices"][0]["routed_experts"])
     P, G = r["usage"]["prompt_tokens"], r["usage"]["completion_tokens"]
-    assert arr.shape == (P + G - 1, 4, 4)                 # [forwarded tokens, decoder layers, top_k]
-    assert (arr[:, 0] == -1).all() and (arr[:, 1:] >= 0).all() and (arr[:, 1:] < 32).all()
+    assert arr.shape == (P + G - 1, N_LAYERS, TOP_K)      # [forwarded tokens, decoder layers, top_k]
+    assert (arr[:, 0] == -1).all() and (arr[:, 1:] >= 0).all() and (arr[:, 1:] < N_EXPERTS).all()
     ids = tok(harness.format_prompt(tok, PROMPTS[1]), add_special_tokens=True, return_tensors="pt")["input_ids"]
     with RoutingRecorder(model) as rec, torch.no_grad():
         model(ids)
