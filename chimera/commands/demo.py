@@ -4,8 +4,8 @@
    FP8 copies: plan, merge, and a byte-level check of what came from where.
 2. Reasoning: the harness scores both parents and the child (accuracy, think rate, output tokens) on
    held-out arithmetic prompts.
-3. Mixture of Tunable Experts: fTRI ranks tiny-r1's refusal experts; switching the top ones off
-   changes the refusal rate. Refusals are reported once, here, on the full sensitive suite: step 2 is
+3. Mixture of Tunable Experts: fTRI ranks tiny-r1's refusal experts; the demo measures what switching
+   the top ones off does to the refusal rate (on family v2: nothing, see docs/mote-evidence.md). Refusals are reported once, here, on the full sensitive suite: step 2 is
    about reasoning (accuracy, <think>, length).
 
 Results go to stdout; progress (merge bytes, model loading, generation) to stderr when it is a terminal.
