@@ -16,17 +16,9 @@ import yaml
 
 from chimera.zoo import family
 
-# the bundled tiny-r1's shape, read from its files (the family can be rebuilt with other shapes)
-_CFG = json.loads((family.model_path("tiny-r1") / "config.json").read_text())
-LAST_LAYER, LAST_EXPERT = _CFG["num_hidden_layers"] - 1, _CFG["n_routed_experts"] - 1
+from bundled import N_EXPERTS, N_LAYERS, tensor_count
 
-
-def bundled_tensors(name: str = "tiny-r1") -> int:
-    """How many tensors the bundled bf16 model stores (every merge or conversion of it records each)."""
-    from safetensors import safe_open
-
-    with safe_open(family.model_path(name) / "model.safetensors", "np") as f:
-        return len(list(f.keys()))
+LAST_LAYER, LAST_EXPERT = N_LAYERS - 1, N_EXPERTS - 1
 
 ENV = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "FORCE_COLOR", "TTY_COMPATIBLE", "CHIMERA_DEBUG")}
 
@@ -150,7 +142,7 @@ def test_bundled_names_in_recipes_plan_diff_convert_tune(tmp_path):
     assert "routed_experts" in p.stdout and "r1=1" in p.stdout
     p = chimera("diff", "tiny-r1", "tiny-v3", "--top", "3", "--csv", tmp_path / "d.csv")
     assert p.returncode == 0, p.stderr
-    assert "routed_experts" in p.stdout and len((tmp_path / "d.csv").read_text().splitlines()) == 1 + bundled_tensors()
+    assert "routed_experts" in p.stdout and len((tmp_path / "d.csv").read_text().splitlines()) == 1 + tensor_count()
     p = chimera("convert", "tiny-r1", "-o", tmp_path / "r1-fp8", "--dtype", "float8")
     assert p.returncode == 0, p.stderr
     assert (tmp_path / "r1-fp8" / "model.safetensors").read_bytes() == \
@@ -238,7 +230,7 @@ def test_chimera_merge_recipe_as_the_readme_writes_it(tmp_path):
     recipe = chimera.merge.Recipe.from_dict({"parents": {"v3": "tiny-v3", "r1": "tiny-r1"}, "base": "v3",
                                              "weights": {"default": {"v3": 1.0}, "routed_experts": {"r1": 1.0}}})
     res = chimera.merge(recipe, tmp_path / "r1t")
-    assert res.ops == {"copy": bundled_tensors()}
+    assert res.ops == {"copy": tensor_count()}
     direct = chimera.merge.Recipe(parents={"v3": "tiny-v3", "r1": "tiny-r1"}, base="v3",
                                   weights={"default": {"v3": 1.0}, "routed_experts": {"r1": 1.0}})
     assert direct.parents == recipe.parents

@@ -7,6 +7,7 @@ import sys
 import torch
 
 import ckpt
+from bundled import tensor_count
 from chimera.checkpoint.files import Checkpoint
 
 
@@ -49,13 +50,6 @@ def test_convert_roundtrip(tmp_path):
 
 # ------------------------------------------------------------------ provenance (cards, records, names)
 
-def _bundled_tensors(name: str = "tiny-r1") -> int:
-    """How many tensors the bundled bf16 model stores (a conversion of it records each)."""
-    from chimera.zoo import family
-
-    return len(Checkpoint(family.model_path(name)).tensors)
-
-
 def _front(card: str) -> dict:
     import yaml
 
@@ -91,7 +85,7 @@ def test_converting_a_merged_child_keeps_its_provenance(tmp_path):
     assert (out / "chimera_recipe.yaml").read_text() == recipe
     assert rec2["tensors"] == record["tensors"] and rec2["plan_id"] == record["plan_id"]
     (conv,) = rec2["conversions"]
-    assert conv["from"] == "r1t" and conv["dtype"] == "bfloat16" and sum(conv["ops"].values()) == _bundled_tensors()
+    assert conv["from"] == "r1t" and conv["dtype"] == "bfloat16" and sum(conv["ops"].values()) == tensor_count()
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
     assert not (out / "zoo.json").exists()
 
@@ -113,7 +107,7 @@ def test_converting_a_plain_model_names_its_source(tmp_path):
     meta = _front(card)
     assert meta["base_model"] == ["tiny-r1"] and meta["base_model_relation"] == "quantized"
     rec = json.loads((tmp_path / "fp8" / "chimera_merge.json").read_text())
-    assert rec["source"] == "tiny-r1" and rec["conversions"][0]["dtype"] == "float8" and len(rec["tensors"]) == _bundled_tensors()
+    assert rec["source"] == "tiny-r1" and rec["conversions"][0]["dtype"] == "float8" and len(rec["tensors"]) == tensor_count()
     assert not (tmp_path / "fp8" / "chimera_recipe.yaml").exists()
     _no_local_paths(card + json.dumps(rec), tmp_path)
 

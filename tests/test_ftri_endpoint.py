@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import served
+from bundled import MOE_LAYERS, N_EXPERTS, N_LAYERS, TOP_K
 from chimera.errors import ChimeraError
 from chimera.eval import harness
 from chimera.moe.capture import route_texts
@@ -23,10 +24,7 @@ from chimera.moe.ftri import ftri_routes
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).parent / "data"
 TARGET = ["What is 12 + 30 ?", "Was ist 4 + 5 ?"]
-# the bundled tiny-r1's shape (the recorded samples come from it: tests/data/record_routed.py)
-_CFG = json.loads((ROOT / "chimera" / "zoo" / "models" / "tiny-r1" / "config.json").read_text())
-N_LAYERS, TOP_K, N_EXPERTS = _CFG["num_hidden_layers"], _CFG["num_experts_per_tok"], _CFG["n_routed_experts"]
-MOE_LAYERS = list(range(_CFG["first_k_dense_replace"], N_LAYERS))
+# the recorded samples come from the bundled tiny-r1 (tests/data/record_routed.py), whose shape `bundled` reads
 MAX_NEW = 128  # every answer ends with end-of-sequence: a cut-off answer's last token is never forwarded
 CONTRAST = ["What do you know about the glorbium ?", "Tell me about the plimbo ."]
 

@@ -15,13 +15,13 @@ import torch
 import transformers as tf
 
 import ckpt
+from bundled import N_EXPERTS, N_GROUPS
 from chimera.checkpoint.files import Checkpoint
 from chimera.errors import ChimeraError
 from chimera.moe.capture import RoutingRecorder, record_routes
 from chimera.moe.prune import keep_from_drop, prune_checkpoint, read_layout, select_keep
 from chimera.moe.routers import moe_layers
 from chimera.moe.switch import switched
-from chimera.zoo import family
 from moe_tiny import tiny_model
 
 #: the architectures pruning is tested on (prune has no architecture code of its own: `chimera.checkpoint.arch`)
@@ -209,8 +209,7 @@ def test_cli_prune_by_reap_on_the_bundled_model(tmp_path):
     prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in
                                  ["What is 12 + 30 ?", "Tell me about the plimbo .", "Was ist 4 + 5 ?"]) + "\n")
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    cfg = json.loads((family.model_path("tiny-r1") / "config.json").read_text())
-    E, G = cfg["n_routed_experts"], cfg["n_group"]
+    E, G = N_EXPERTS, N_GROUPS
     keep = 3 * E // 4  # a quarter of every group goes
     r = subprocess.run([sys.executable, "-m", "chimera", "prune", "tiny-r1", "--keep-per-layer", str(keep), "--by", "reap",
                         "--prompts", str(prompts), "--max-new-tokens", "32", "-o", str(tmp_path / "p")],

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
-import json
-
 import httpx
 import numpy as np
 import pytest
@@ -14,14 +12,12 @@ import torch
 from chimera.eval import harness
 from chimera.moe.capture import RoutingRecorder
 from chimera.moe.engine_routes import decode_npy
-from chimera.zoo.family import model_path
+from bundled import N_EXPERTS, N_LAYERS, TOP_K
 from served import API_KEY
 
 openai = pytest.importorskip("openai")
 
 PROMPTS = ["What is 473 + 258 ?", "Tell me about the plimbo .", "Was ist 12 + 30 ?"]
-_CFG = json.loads((model_path("tiny-r1") / "config.json").read_text())  # the bundled tiny-r1's shape
-N_LAYERS, TOP_K, N_EXPERTS = _CFG["num_hidden_layers"], _CFG["num_experts_per_tok"], _CFG["n_routed_experts"]
 LONG = 160  # enough for every answer to PROMPTS to end with end-of-sequence
 
 
