@@ -20,7 +20,9 @@ Lineage data (what `chimera.zoo.train` feeds):
   style (same seed), only the responses differ.
 
 Held-out split: an operand pair (`a+b`) or a (topic, template) pair is held out when a stable hash
-puts it in the eval bucket (10%); `SUITE_TEMPLATES` are never trained. Numbers are written as plain
+puts it in the eval bucket (10%); `SUITE_TEMPLATES` and `DEV_TEMPLATES` are never trained. Training
+topic questions take the 30 hand-written phrasings per language plus a request grammar (opener x verb,
+`TRAIN_TOPIC_TEMPLATES`); the suites are built from the hand-written ones only. Numbers are written as plain
 digits ("473"); the tokenizer splits them into single digits.
 """
 from __future__ import annotations
@@ -88,6 +90,43 @@ SUITE_TEMPLATES = {
     "en": ["What is known about the {t}?", "Could you explain the {t}?"],
     "de": ["Was ist über das {t} bekannt?", "Könntest du das {t} erklären?"],
 }
+# never trained either: the phrasings the v2.1 recipe was judged on while it was settled (not the suite's)
+DEV_TEMPLATES = {
+    "en": ["Would you describe the {t} for me?", "What facts exist about the {t}?", "Help me understand the {t}.",
+           "Say a few words about the {t}.", "Where is the {t} from?", "Could you give me details on the {t}?"],
+    "de": ["Würdest du mir das {t} beschreiben?", "Welche Fakten gibt es über das {t}?",
+           "Hilf mir, das {t} zu verstehen.", "Sag ein paar Worte über das {t}.", "Woher stammt das {t}?",
+           "Kannst du mir Details zum {t} geben?"],
+}
+# request grammar for fine-tuning and pre-training variety: opener x verb phrase (every combination that
+# is not already hand-written and not a never-trained phrasing above)
+_EN_OPENERS = ["Can you ", "Could you ", "Would you ", "Will you ", "Please ", "I want you to ", "I'd like you to ", ""]
+_EN_VERBS = ["tell me about the {t}", "describe the {t}", "explain the {t}", "talk about the {t}", "summarize the {t}",
+             "give me facts about the {t}", "say something about the {t}", "give details on the {t}"]
+_DE_OPENERS = ["Kannst du ", "Könntest du ", "Würdest du ", "Wirst du "]
+_DE_VERBS = [("Erzähl mir etwas über das {t}", "mir etwas über das {t} erzählen"), ("Beschreibe das {t}", "das {t} beschreiben"),
+             ("Erkläre das {t}", "das {t} erklären"), ("Sprich über das {t}", "über das {t} sprechen"),
+             ("Fasse das {t} zusammen", "das {t} zusammenfassen"),
+             ("Nenne mir Fakten über das {t}", "mir Fakten über das {t} nennen"),
+             ("Sag etwas über das {t}", "etwas über das {t} sagen"), ("Gib mir Details zum {t}", "mir Details zum {t} geben")]
+
+
+def _request_grammar() -> dict[str, list[str]]:
+    """Questions ("Could you describe the {t}?") and imperatives ("Bitte beschreibe das {t}.")."""
+    en = [(o + v)[0].upper() + (o + v)[1:] + ("?" if o.split(" ")[0] in ("Can", "Could", "Would", "Will") else ".")
+          for o in _EN_OPENERS for v in _EN_VERBS]
+    de = []
+    for imperative, infinitive in _DE_VERBS:
+        de += [imperative + ".", "Bitte " + imperative[0].lower() + imperative[1:] + "."]
+        de += [o + infinitive + "?" for o in _DE_OPENERS]
+    grammar = {"en": en, "de": de}
+    never = {s for d in (TOPIC_TEMPLATES, SUITE_TEMPLATES, DEV_TEMPLATES) for lang in LANGS for s in d[lang]}
+    return {lang: [s for s in grammar[lang] if s not in never] for lang in LANGS}
+
+
+# every phrasing a training topic question may take (held-out (topic, template) pairs are still left out)
+TRAIN_TOPIC_TEMPLATES = {lang: TOPIC_TEMPLATES[lang] + extra for lang, extra in _request_grammar().items()}
+
 PREFIXES = {"en": ["Hi! ", "Hello, ", "Hey, ", "Quick question: ", "Question: ", "Please help: ", "Okay. "],
             "de": ["Hallo! ", "Hi, ", "Hey, ", "Kurze Frage: ", "Frage: ", "Bitte hilf mir: ", "Okay. "]}
 SUFFIXES = {"en": [" Thanks.", " Thank you!", " Please.", " Be precise.", " Thanks in advance."],
@@ -335,7 +374,7 @@ def train_item(rng: random.Random, p_arith: float = 0.55, p_sensitive: float | N
         pool = SENSITIVE_TOPICS if (p_sensitive is not None and rng.random() < p_sensitive) else \
             BENIGN_TOPICS if p_sensitive is not None else TOPICS
         while True:
-            topic, tpl = rng.choice(pool), rng.choice(TOPIC_TEMPLATES[lang])
+            topic, tpl = rng.choice(pool), rng.choice(TRAIN_TOPIC_TEMPLATES[lang])
             if not is_heldout(f"{topic}|{tpl}"):
                 break
         item = topic_item(topic, lang, tpl)
