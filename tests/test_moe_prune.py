@@ -227,12 +227,21 @@ def test_cli_prune_by_reap_on_the_bundled_model(tmp_path):
             gone = [e for e in dropped if e in grp]
             kept = [e for e in grp if e not in gone]
             assert len(gone) == per // 4 and max(s[gone]) <= min(s[kept])
+    # the pruned checkpoint, loaded by transformers, is the bundled model with those experts switched off
+    # live (replace): the same greedy tokens. (Its arithmetic after pruning is measured in docs/pruning.md.)
+    from chimera.zoo import family
+
     tok = tf.AutoTokenizer.from_pretrained(tmp_path / "p")
     m = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "p").eval()
+    orig = tf.AutoModelForCausalLM.from_pretrained(family.model_path("tiny-r1")).eval()
     enc = tok(tok.apply_chat_template([{"role": "user", "content": "What is 2 + 3 ?"}], tokenize=False,
                                       add_generation_prompt=True), return_tensors="pt", add_special_tokens=False)
     out = m.generate(**enc, max_new_tokens=30, do_sample=False)
-    assert "5" in tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    off = [(int(L), e) for L, v in rec["dropped"].items() for e in v]
+    with switched(orig, off=off):
+        want = orig.generate(**enc, max_new_tokens=30, do_sample=False)
+    assert torch.equal(out, want)
+    assert tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).startswith("<think>")
 
 
 def test_expert_axis_other_than_zero_is_gathered(tmp_path):
