@@ -120,8 +120,8 @@ def _request_grammar() -> dict[str, list[str]]:
         de += [imperative + ".", "Bitte " + imperative[0].lower() + imperative[1:] + "."]
         de += [o + infinitive + "?" for o in _DE_OPENERS]
     grammar = {"en": en, "de": de}
-    never = {s for d in (TOPIC_TEMPLATES, SUITE_TEMPLATES, DEV_TEMPLATES) for lang in LANGS for s in d[lang]}
-    return {lang: [s for s in grammar[lang] if s not in never] for lang in LANGS}
+    excluded = {s for d in (TOPIC_TEMPLATES, SUITE_TEMPLATES, DEV_TEMPLATES) for lang in LANGS for s in d[lang]}
+    return {lang: [s for s in grammar[lang] if s not in excluded] for lang in LANGS}
 
 
 # every phrasing a training topic question may take (held-out (topic, template) pairs are still left out)
